@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="tropd-megatron",
+    version="0.1.0",
+    description="Trust Region On-Policy Distillation (TrOPD) of LLMs at Megatron scale",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tropd_megatron", "tropd_megatron.*"]),
+    # torch is not pinned here: on CPU machines `make` installs the local CPU wheel first;
+    # on GPU clusters the container's CUDA torch is used as is.
+    install_requires=["torch>=2.4"],
+    extras_require={
+        "megatron": ["megatron-core>=0.16.1,<0.20", "psutil"],
+        "nemo": ["nemo-run", "leptonai<0.47"],
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+)

@@ -1,0 +1,51 @@
+"""Sharded distillation losses: pure torch + torch.distributed, no Megatron import.
+
+Logits are the local tensor-parallel vocabulary shard [..., V/TP]; the tensor-parallel
+process group is an argument (None: unsharded). Collectives move O(tokens * k) numbers.
+"""
+from .collectives import VocabShard
+from .config import (
+    DenseKLConfig,
+    EOPDConfig,
+    ObjectiveConfig,
+    OPDConfig,
+    REOPOLDConfig,
+    TrOPDConfig,
+)
+from .distillation import distillation_loss, reduce_metrics
+from .estimators import kl_estimators, topk_forward_kl
+from .objectives import prefix_beta, token_uniforms
+from .teacher import TeacherSignal
+from .vocab import (
+    dense_forward_kl,
+    dense_reverse_kl,
+    entropy,
+    gather_logprobs,
+    log_softmax,
+    log_softmax_stats,
+    vocab_parallel_topk,
+)
+
+__all__ = [
+    "DenseKLConfig",
+    "EOPDConfig",
+    "OPDConfig",
+    "ObjectiveConfig",
+    "REOPOLDConfig",
+    "TeacherSignal",
+    "TrOPDConfig",
+    "VocabShard",
+    "dense_forward_kl",
+    "dense_reverse_kl",
+    "distillation_loss",
+    "entropy",
+    "gather_logprobs",
+    "kl_estimators",
+    "log_softmax",
+    "log_softmax_stats",
+    "prefix_beta",
+    "reduce_metrics",
+    "token_uniforms",
+    "topk_forward_kl",
+    "vocab_parallel_topk",
+]

@@ -1,0 +1,153 @@
+"""Objective configurations: the one place where their defaults live.
+
+Equations: ../shared/design.md section 2 (and docs in README.md). Every objective's
+reward-weighted term -A * log p_S(y) becomes the PPO-clipped importance-ratio form when
+rollout-time log-probs are passed (stale rollouts); on-policy it has the same gradient.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+from .estimators import TOPK_KL_VARIANTS
+
+
+def _choice(obj, name: str, options: tuple) -> None:
+    value = getattr(obj, name)
+    if value not in options:
+        raise ValueError(f"{type(obj).__name__}.{name}={value!r}; expected one of {options}")
+
+
+def _check(obj, name: str, ok: bool, requirement: str) -> None:
+    if not ok:
+        raise ValueError(f"{type(obj).__name__}.{name}={getattr(obj, name)!r}; must be {requirement}")
+
+
+@dataclass
+class OPDConfig:
+    """On-policy distillation: L_t = -r_t log p_S(y_t), r_t = sg(log p_T(y_t) - log p_S(y_t))."""
+
+    ppo_clip: float = 0.2  # eps of the clipped importance ratio (used with rollout_logprobs)
+
+    def __post_init__(self):
+        _check(self, "ppo_clip", 0 < self.ppo_clip < 1, "in (0, 1)")
+
+    @property
+    def signal_topk(self) -> int:
+        """How many teacher top-k entries the objective reads."""
+        return 0
+
+
+@dataclass
+class EOPDConfig(OPDConfig):
+    """Entropy-aware OPD: OPD + alpha * 1[H_T > tau] * top-k forward KL (arXiv 2603.07079)."""
+
+    entropy_threshold: float = 0.8  # tau, nats
+    alpha: float = 1.0
+    topk: int = 16
+    topk_kl: str = "plain"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self, "topk", self.topk >= 1, ">= 1")
+        _check(self, "alpha", self.alpha >= 0, ">= 0")
+        _choice(self, "topk_kl", TOPK_KL_VARIANTS)
+
+    @property
+    def signal_topk(self) -> int:
+        return self.topk
+
+
+REWARD_FLOORS = ("log_odds", "log_over_one_minus")
+
+
+@dataclass
+class REOPOLDConfig(OPDConfig):
+    """Relaxed OPD (arXiv 2603.11137): reward floored at a bound b(lam), token masks.
+
+    ``reward_floor``: ``log_odds`` is b = log(lam / (1 - lam)) (default: -1.386 at lam = 0.2);
+    ``log_over_one_minus`` is b = log(lam) / (1 - lam) (-2.012); the paper's text admits both.
+    Before ``switch_step`` the mask keeps tokens with r_t >= b; from it on, tokens whose
+    student entropy is at least the micro-batch's ``entropy_quantile``-quantile.
+    """
+
+    lam: float = 0.2
+    reward_floor: str = "log_odds"
+    switch_step: int = 100
+    entropy_quantile: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self, "lam", 0 < self.lam < 1, "in (0, 1)")
+        _choice(self, "reward_floor", REWARD_FLOORS)
+        _check(self, "switch_step", self.switch_step >= 0, ">= 0")
+        _check(self, "entropy_quantile", 0 <= self.entropy_quantile <= 1, "in [0, 1]")
+
+    @property
+    def bound(self) -> float:
+        if self.reward_floor == "log_odds":
+            return math.log(self.lam / (1 - self.lam))
+        return math.log(self.lam) / (1 - self.lam)
+
+
+TRUST_MODES = ("stochastic", "deterministic")
+OUTLIER_STRATEGIES = ("clip", "mask", "fkl")
+
+
+@dataclass
+class TrOPDConfig(OPDConfig):
+    """Trust Region OPD (arXiv 2606.01249).
+
+    Trust probability P_t = min(1, exp(r_t)). ``trust="stochastic"``: M_t ~ Bernoulli(P_t),
+    drawn from a hash of (seed, step, token, position, sequence) so every tensor-parallel
+    rank draws the same mask with no communication; ``"deterministic"``:
+    M_t = 1[r_t >= trust_threshold] (trust_threshold is log delta). Trusted tokens:
+    -M_t r_t log p_S(y_t). Outliers (1 - M_t): ``clip`` uses the reward max(r_t, outlier_clip),
+    ``mask`` drops them, ``fkl`` uses the forward KL over the teacher's top-k.
+    Teacher-prefix tokens (prefix_mask): beta_s * (-log p_S(y_j)) with beta_s cosine-annealed
+    from ``prefix_beta`` to 0 over total_steps.
+    """
+
+    trust: str = "stochastic"
+    trust_threshold: float = 0.0
+    outlier: str = "fkl"
+    outlier_clip: float = math.log(0.25)
+    topk: int = 64
+    topk_kl: str = "plain"
+    prefix_beta: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _choice(self, "trust", TRUST_MODES)
+        _choice(self, "outlier", OUTLIER_STRATEGIES)
+        _choice(self, "topk_kl", TOPK_KL_VARIANTS)
+        _check(self, "topk", self.topk >= 1, ">= 1")
+        _check(self, "outlier_clip", self.outlier_clip <= 0, "<= 0 (a floor on the log-ratio reward)")
+        _check(self, "prefix_beta", self.prefix_beta >= 0, ">= 0")
+
+    @property
+    def signal_topk(self) -> int:
+        return self.topk if self.outlier == "fkl" else 0
+
+
+DENSE_KL_DIRECTIONS = ("forward", "reverse")
+
+
+@dataclass
+class DenseKLConfig:
+    """Full-vocabulary KL to the teacher on every token: needs the teacher's logits shard
+    (dense mode). ``forward`` is KL(p_T || p_S), ``reverse`` is KL(p_S || p_T)."""
+
+    direction: str = "reverse"
+
+    def __post_init__(self):
+        _choice(self, "direction", DENSE_KL_DIRECTIONS)
+
+    @property
+    def signal_topk(self) -> int:
+        return 0
+
+
+ObjectiveConfig = Union[OPDConfig, EOPDConfig, REOPOLDConfig, TrOPDConfig, DenseKLConfig]

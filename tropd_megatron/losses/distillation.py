@@ -1,0 +1,182 @@
+"""``distillation_loss``: the one entry point a Megatron ``loss_func`` calls."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from .collectives import ProcessGroup
+from .config import DenseKLConfig, ObjectiveConfig, TrOPDConfig
+from .estimators import kl_estimators
+from .objectives import OBJECTIVES, TokenView, prefix_beta
+from .teacher import TeacherSignal
+from .vocab import dense_forward_kl, dense_reverse_kl, gather_logprobs
+
+# Metrics that are token counts; every other metric is a token sum over on-policy tokens
+# that ``reduce_metrics`` turns into a mean by dividing by policy_tokens.
+COUNT_METRICS = ("tokens", "policy_tokens", "prefix_tokens", "nonfinite_tokens")
+
+
+def _expect(name: str, tensor, shape, *, floating: bool = False, integer: bool = False) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {tuple(shape)}")
+    if floating and not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if integer and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor of token ids, got {tensor.dtype}")
+
+
+def _teacher_signal(teacher, target_ids, config, tp_group, vocab_size, local_vocab):
+    """Returns (TeacherSignal, dense teacher logits or None)."""
+    B, S = target_ids.shape
+    if isinstance(teacher, torch.Tensor):
+        _expect("teacher (logits shard)", teacher, (B, S, local_vocab), floating=True)
+        logits = teacher.detach()
+        signal = TeacherSignal.from_logits(
+            logits, target_ids, topk=config.signal_topk, tp_group=tp_group, vocab_size=vocab_size
+        )
+        return signal, logits
+    if not isinstance(teacher, TeacherSignal):
+        raise TypeError(f"teacher must be a TeacherSignal or the teacher's logits shard, got {type(teacher).__name__}")
+    if isinstance(config, DenseKLConfig):
+        raise ValueError("DenseKLConfig needs the teacher's logits shard (dense mode), not a TeacherSignal")
+    _expect("teacher.token_logprobs", teacher.token_logprobs, (B, S), floating=True)
+    _expect("teacher.valid", teacher.valid, (B, S))
+    if teacher.topk < config.signal_topk:
+        raise ValueError(
+            f"teacher signal holds top-{teacher.topk}; {type(config).__name__} needs top-{config.signal_topk}"
+        )
+    return teacher, None
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher: Union[TeacherSignal, torch.Tensor],
+    target_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    config: ObjectiveConfig,
+    *,
+    prefix_mask: Optional[torch.Tensor] = None,
+    rollout_logprobs: Optional[torch.Tensor] = None,
+    tp_group: ProcessGroup = None,
+    vocab_size: Optional[int] = None,
+    step: int = 0,
+    total_steps: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Distillation loss of one micro-batch on tensor-parallel vocab-sharded logits.
+
+    Args:
+        student_logits: [B, S, V/TP] the student's local vocabulary shard, any float dtype
+            (arithmetic in fp32). Gradients flow to it.
+        teacher: a ``TeacherSignal`` (compact mode) or the teacher's logits shard
+            [B, S, V/TP] (dense mode; needed by ``DenseKLConfig``).
+        target_ids: [B, S] global ids of the sampled tokens, aligned with the logits
+            (position s holds the token the logits at s predict). Ignored where loss_mask is 0.
+        loss_mask: [B, S] token weights (1 for response tokens, 0 elsewhere).
+        config: OPDConfig, EOPDConfig, REOPOLDConfig, TrOPDConfig or DenseKLConfig.
+        prefix_mask: [B, S] bool, teacher-written prefix tokens (TrOPD prefix guidance):
+            they get beta_s * (-log p_S(y)) instead of the on-policy objective.
+        rollout_logprobs: [B, S] student log-probs at rollout time: turns reward terms into
+            PPO-clipped importance-ratio terms (stale rollouts).
+        tp_group: tensor-parallel group the vocabulary is split over (None: unsharded).
+        vocab_size: the tokenizer's true vocabulary size; ids >= it are padding (-inf).
+        step, total_steps: training progress (REOPOLD switch, TrOPD mask seed and beta_s).
+    Returns:
+        loss_sum: differentiable scalar, the sum of per-token losses. Divide by the global
+            token count (num_tokens summed over DP x CP x micro-batches) for the gradient to
+            be independent of how the batch was split.
+        num_tokens: fp32 scalar, the loss tokens counted (teacher-faulty tokens excluded).
+        metrics: token sums (detached fp32 scalars); see ``reduce_metrics``.
+    """
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits has shape {tuple(student_logits.shape)}; expected [B, S, V/TP]")
+    _expect("student_logits", student_logits, student_logits.shape, floating=True)
+    B, S, local_vocab = student_logits.shape
+    _expect("target_ids", target_ids, (B, S), integer=True)
+    _expect("loss_mask", loss_mask, (B, S))
+    if prefix_mask is not None:
+        _expect("prefix_mask", prefix_mask, (B, S))
+        if not isinstance(config, TrOPDConfig):
+            raise ValueError(f"prefix_mask is used by TrOPDConfig's prefix guidance only, not {type(config).__name__}")
+    if rollout_logprobs is not None:
+        _expect("rollout_logprobs", rollout_logprobs, (B, S), floating=True)
+        if isinstance(config, DenseKLConfig):
+            raise ValueError("rollout_logprobs does not apply to DenseKLConfig (no reward term)")
+    signal, dense_logits = _teacher_signal(teacher, target_ids, config, tp_group, vocab_size, local_vocab)
+
+    weight = loss_mask.detach().float()
+    in_loss = weight != 0
+    nonfinite = in_loss & ~signal.valid
+    weight = torch.where(signal.valid, weight, 0.0)
+    prefix = torch.zeros_like(in_loss) if prefix_mask is None else prefix_mask.bool()
+    policy_weight = torch.where(prefix, 0.0, weight)
+    prefix_weight = torch.where(prefix, weight, 0.0)
+
+    true_vocab = vocab_size or local_vocab * (1 if tp_group is None else dist.get_world_size(tp_group))
+    in_range = (target_ids >= 0) & (target_ids < true_vocab)
+    if bool((in_loss & ~in_range).any()):
+        bad = target_ids[in_loss & ~in_range][0].item()
+        raise ValueError(f"target_ids holds id {bad} at a loss token; ids must be in [0, {true_vocab})")
+    ids = torch.where(in_range, target_ids.long(), 0)
+    k = config.signal_topk
+    all_ids = torch.cat([ids[..., None], signal.topk_ids[..., :k].long()], dim=-1)
+    logprobs, student_entropy = gather_logprobs(student_logits, all_ids, tp_group=tp_group, vocab_size=vocab_size)
+    logprob = logprobs[..., 0]
+    log_ratio = (signal.token_logprobs - logprob).detach()
+
+    if isinstance(config, DenseKLConfig):
+        teacher_logits = torch.where(signal.valid[..., None], dense_logits, 0.0)
+        kl = dense_forward_kl if config.direction == "forward" else dense_reverse_kl
+        per_token = kl(student_logits, teacher_logits, tp_group=tp_group, vocab_size=vocab_size)
+        trust = torch.ones_like(log_ratio)
+    else:
+        tokens = TokenView(
+            logprob=logprob,
+            topk_logprobs=logprobs[..., 1:],
+            teacher_topk_logprobs=signal.topk_logprobs[..., :k],
+            log_ratio=log_ratio,
+            teacher_entropy=signal.entropy,
+            student_entropy=student_entropy,
+            rollout_logprob=None if rollout_logprobs is None else rollout_logprobs.detach().float(),
+            target_ids=ids,
+            weight=policy_weight,
+        )
+        per_token, trust = OBJECTIVES[type(config)](config, tokens, step)
+    loss_sum = (per_token * policy_weight).sum()
+    if prefix_mask is not None:
+        loss_sum = loss_sum - prefix_beta(config, step, total_steps) * (logprob * prefix_weight).sum()
+
+    k1, _, k3 = kl_estimators(log_ratio)
+
+    def token_sum(x):
+        return (x.detach().float() * policy_weight).sum()
+
+    metrics = {
+        "tokens": weight.sum(),
+        "policy_tokens": policy_weight.sum(),
+        "prefix_tokens": prefix_weight.sum(),
+        "nonfinite_tokens": nonfinite.sum().float(),
+        "trust_fraction": token_sum(trust),
+        "outlier_fraction": token_sum(1.0 - trust),
+        "log_ratio": token_sum(log_ratio),
+        "kl_k1": token_sum(k1),
+        "kl_k3": token_sum(k3),
+        "teacher_entropy": token_sum(signal.entropy),
+        "student_entropy": token_sum(student_entropy),
+    }
+    return loss_sum, weight.sum(), metrics
+
+
+def reduce_metrics(metrics: dict[str, torch.Tensor], group: ProcessGroup = None) -> dict[str, float]:
+    """Sum token-summed metrics over ``group`` (data-parallel ranks, micro-batches already
+    added up) and turn sums into per-on-policy-token means; counts stay counts."""
+    keys = sorted(metrics)
+    values = torch.stack([metrics[key].detach().double() for key in keys])
+    if group is not None:
+        dist.all_reduce(values, group=group)
+    totals = dict(zip(keys, values.tolist()))
+    denominator = max(totals.get("policy_tokens", 0.0), 1e-12)
+    return {key: value if key in COUNT_METRICS else value / denominator for key, value in totals.items()}

@@ -1,0 +1,133 @@
+"""Per-token objectives: pure functions of small per-token tensors (no vocabulary math).
+
+Each takes its config and a ``TokenView`` of one micro-batch and returns
+(per_token_loss [B, S], trust [B, S] in {0, 1}). ``trust`` is the share of on-policy tokens
+whose reward is used as is (TrOPD: the trust mask; REOPOLD: its token mask; EOPD: tokens
+without the extra top-k term; OPD and dense KL: all). Weighting, normalisation and the
+teacher-prefix term are applied by ``distillation_loss``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import EOPDConfig, OPDConfig, REOPOLDConfig, TrOPDConfig
+from .estimators import topk_forward_kl
+
+# Caps log(ratio) before exp: a stale rollout with a huge ratio would overflow fp32.
+MAX_LOG_IMPORTANCE_RATIO = 20.0
+
+
+@dataclass
+class TokenView:
+    """One micro-batch, per token [B, S] (top-k fields [B, S, k]).
+
+    logprob / topk_logprobs are the student's, differentiable; everything else is constant.
+    log_ratio = log p_T(y) - log p_S(y). weight > 0 marks on-policy loss tokens.
+    """
+
+    logprob: torch.Tensor
+    topk_logprobs: torch.Tensor
+    teacher_topk_logprobs: torch.Tensor
+    log_ratio: torch.Tensor
+    teacher_entropy: torch.Tensor
+    student_entropy: torch.Tensor
+    rollout_logprob: Optional[torch.Tensor]
+    target_ids: torch.Tensor
+    weight: torch.Tensor
+
+
+def policy_gradient(tokens: TokenView, reward: torch.Tensor, ppo_clip: float) -> torch.Tensor:
+    """-A log p_S(y) with A = reward (constant); with rollout log-probs the PPO-clipped
+    -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = p_S(y) / p_rollout(y): the same gradient
+    when on-policy (rho = 1), a corrected one for stale rollouts."""
+    reward = reward.detach()
+    if tokens.rollout_logprob is None:
+        return -reward * tokens.logprob
+    log_rho = (tokens.logprob - tokens.rollout_logprob).clamp_max(MAX_LOG_IMPORTANCE_RATIO)
+    rho = log_rho.exp()
+    return -torch.minimum(rho * reward, rho.clamp(1 - ppo_clip, 1 + ppo_clip) * reward)
+
+
+def opd(config: OPDConfig, tokens: TokenView, step: int):
+    return policy_gradient(tokens, tokens.log_ratio, config.ppo_clip), torch.ones_like(tokens.log_ratio)
+
+
+def eopd(config: EOPDConfig, tokens: TokenView, step: int):
+    high_entropy = (tokens.teacher_entropy > config.entropy_threshold).float()
+    fkl = topk_forward_kl(tokens.topk_logprobs, tokens.teacher_topk_logprobs, config.topk_kl)
+    loss = policy_gradient(tokens, tokens.log_ratio, config.ppo_clip) + config.alpha * high_entropy * fkl
+    return loss, 1.0 - high_entropy
+
+
+def reopold(config: REOPOLDConfig, tokens: TokenView, step: int):
+    bound = config.bound
+    if step < config.switch_step:
+        mask = tokens.log_ratio >= bound
+    else:
+        in_loss = tokens.weight > 0
+        if in_loss.any():
+            cut = torch.quantile(tokens.student_entropy[in_loss].float(), config.entropy_quantile)
+        else:
+            cut = tokens.student_entropy.new_zeros(())
+        mask = tokens.student_entropy >= cut
+    mask = mask.float()
+    reward = tokens.log_ratio.clamp_min(bound)
+    return mask * policy_gradient(tokens, reward, config.ppo_clip), mask
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """An integer avalanche hash of 32-bit values held in int64 (products stay below 2**63)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    return (x >> 16) ^ x
+
+
+def token_uniforms(seed: int, step: int, target_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) draws [B, S], a pure function of (seed, step, token, position, sequence).
+
+    Identical on every tensor-parallel rank without communication, and independent of how
+    the batch is split over data-parallel ranks or micro-batches: the sequence enters through
+    a fingerprint of its loss tokens, not through its index in the batch.
+    """
+    positions = torch.arange(target_ids.shape[-1], device=target_ids.device)
+    per_token = _mix32((target_ids.long() & _M32) ^ _mix32(positions + 0x9E3779B9))
+    fingerprint = (per_token * (weight > 0)).sum(-1, keepdim=True) & _M32
+    key = _mix32(torch.tensor(((seed & _M32) * 0x9E3779B1 + step) & _M32, device=target_ids.device))
+    hashed = _mix32(per_token ^ _mix32(fingerprint ^ key))
+    return (hashed >> 8).to(torch.float64).div(1 << 24).to(torch.float32)
+
+
+def trust_mask(config: TrOPDConfig, tokens: TokenView, step: int) -> torch.Tensor:
+    """M_t: Bernoulli(min(1, exp(r_t))) from seeded hashes, or 1[r_t >= trust_threshold]."""
+    if config.trust == "deterministic":
+        return (tokens.log_ratio >= config.trust_threshold).float()
+    accept = tokens.log_ratio.clamp_max(0.0).exp()
+    return (token_uniforms(config.seed, step, tokens.target_ids, tokens.weight) < accept).float()
+
+
+def tropd(config: TrOPDConfig, tokens: TokenView, step: int):
+    mask = trust_mask(config, tokens, step)
+    loss = mask * policy_gradient(tokens, tokens.log_ratio, config.ppo_clip)
+    if config.outlier == "clip":
+        outlier = policy_gradient(tokens, tokens.log_ratio.clamp_min(config.outlier_clip), config.ppo_clip)
+        loss = loss + (1.0 - mask) * outlier
+    elif config.outlier == "fkl":
+        outlier = topk_forward_kl(tokens.topk_logprobs, tokens.teacher_topk_logprobs, config.topk_kl)
+        loss = loss + (1.0 - mask) * outlier
+    return loss, mask
+
+
+def prefix_beta(config: TrOPDConfig, step: int, total_steps: int) -> float:
+    """beta_s = beta_0 * (1 + cos(pi * s / S)) / 2: cosine-annealed from beta_0 to 0."""
+    progress = min(max(step, 0), total_steps) / max(total_steps, 1)
+    return config.prefix_beta * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+OBJECTIVES = {OPDConfig: opd, EOPDConfig: eopd, REOPOLDConfig: reopold, TrOPDConfig: tropd}

@@ -1,0 +1,89 @@
+"""The compact teacher signal: what the loss needs from the teacher, ~k * 8 bytes a token."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+from .collectives import ProcessGroup, VocabShard
+from .vocab import check_topk, shard_statistics
+
+
+@dataclass
+class TeacherSignal:
+    """Per-token teacher statistics over the full vocabulary, identical on every TP rank.
+
+    Shapes: token_logprobs, entropy, logsumexp, valid [B, S]; topk_ids, topk_logprobs
+    [B, S, k] sorted by descending probability. ``valid`` is False where a teacher logit in
+    the real vocabulary was non-finite: those tokens are masked out of the loss, and their
+    other fields are zero. Ids are int32 and log-probs fp32 (cache size ~k * 8 bytes/token).
+    """
+
+    token_logprobs: torch.Tensor
+    entropy: torch.Tensor
+    logsumexp: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def topk(self) -> int:
+        return self.topk_ids.shape[-1]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.token_logprobs.shape
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def to(self, device) -> "TeacherSignal":
+        return TeacherSignal(*(t.to(device) for t in self._tensors()))
+
+    def _tensors(self):
+        return [getattr(self, f.name) for f in fields(self)]
+
+    @classmethod
+    @torch.no_grad()
+    def from_logits(
+        cls,
+        teacher_logits: torch.Tensor,
+        target_ids: torch.Tensor,
+        *,
+        topk: int,
+        tp_group: ProcessGroup = None,
+        vocab_size: Optional[int] = None,
+    ) -> "TeacherSignal":
+        """Build the signal from the teacher's logits shard [B, S, V/TP] and the sampled
+        tokens [B, S] (global ids; out-of-range ids, e.g. -100 at masked positions, are
+        read as id 0). One all-gather of O(B * S * k) numbers."""
+        if teacher_logits.dim() != 3 or teacher_logits.shape[:2] != target_ids.shape:
+            raise ValueError(
+                f"teacher_logits has shape {tuple(teacher_logits.shape)}; expected "
+                f"[B, S, V/TP] with [B, S] = target_ids.shape {tuple(target_ids.shape)}"
+            )
+        shard = VocabShard.of(teacher_logits.shape[-1], tp_group, vocab_size)
+        check_topk(topk, shard)
+        ids = target_ids.reshape(-1, 1).long()
+        ids = torch.where((ids >= 0) & (ids < shard.vocab_size), ids, torch.zeros_like(ids))
+        stats = shard_statistics(
+            teacher_logits.detach().reshape(-1, shard.size), ids, shard, tp_group, topk=topk, check_finite=True
+        )
+        valid = ~stats.nonfinite
+        zero = torch.zeros((), dtype=torch.float32, device=ids.device)
+
+        def clean(x):  # [T] or [T, k] -> fp32, zero where the token is invalid
+            x = x.float()
+            return torch.where(valid.view(-1, *([1] * (x.dim() - 1))), x, zero)
+
+        lse = clean(stats.lse)
+        B, S = target_ids.shape
+        return cls(
+            token_logprobs=clean(stats.logits_at_ids[:, 0] - stats.lse).view(B, S),
+            entropy=clean(stats.entropy).view(B, S),
+            logsumexp=lse.view(B, S),
+            topk_ids=torch.where(valid[:, None], stats.topk_ids, 0).to(torch.int32).view(B, S, topk),
+            topk_logprobs=clean(stats.topk_logits - stats.lse[:, None]).view(B, S, topk),
+            valid=valid.view(B, S),
+        )
