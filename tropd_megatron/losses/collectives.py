@@ -51,13 +51,17 @@ class VocabShard:
         return VocabShard(start, local_size, max(0, min(local_size, vocab_size - start)), vocab_size)
 
 
+# torch 2.13 renamed all_gather_into_tensor (deprecated there); clusters may run older torch.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def all_gather_stack(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """[...] -> [TP, ...], every rank's tensor in rank order. No gradient."""
     if group is None:
         return tensor.unsqueeze(0)
     tensor = tensor.contiguous()
     out = tensor.new_empty((group_size(group) * tensor.shape[0],) + tuple(tensor.shape[1:]))
-    dist.all_gather_into_tensor(out, tensor, group=group)
+    _all_gather_single(out, tensor, group=group)
     return out.view(group_size(group), *tensor.shape)
 
 
