@@ -1,0 +1,66 @@
+"""The stochastic trust mask: reproducible from its seed, independent of batch layout, and
+with a trust fraction matching E[min(1, exp(r))]."""
+import math
+
+import torch
+
+import reference as ref
+from batches import make_batch
+from tropd_megatron.losses import TrOPDConfig, distillation_loss, reduce_metrics, token_uniforms
+
+
+def _ids(seed=0, B=8, S=64, V=1000):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, S), generator=g), torch.ones(B, S)
+
+
+def test_uniforms_are_reproducible_and_depend_on_seed_and_step():
+    ids, w = _ids()
+    u = token_uniforms(3, 10, ids, w)
+    assert torch.equal(u, token_uniforms(3, 10, ids, w))
+    assert (u >= 0).all() and (u < 1).all()
+    for other in (token_uniforms(4, 10, ids, w), token_uniforms(3, 11, ids, w)):
+        assert (other != u).float().mean() > 0.99
+
+
+def test_uniforms_follow_the_sequence_not_its_batch_index():
+    ids, w = _ids()
+    perm = torch.randperm(ids.shape[0])
+    assert torch.equal(token_uniforms(0, 1, ids, w)[perm], token_uniforms(0, 1, ids[perm], w[perm]))
+    # padding more positions on the right (mask 0) leaves the draws of real tokens unchanged
+    padded = torch.cat([ids, torch.zeros_like(ids[:, :5])], 1)
+    pw = torch.cat([w, torch.zeros_like(w[:, :5])], 1)
+    assert torch.equal(token_uniforms(0, 1, padded, pw)[:, :64], token_uniforms(0, 1, ids, w))
+
+
+def test_uniforms_look_uniform_and_independent():
+    ids, w = _ids(B=64, S=256)  # 16384 draws
+    u = token_uniforms(0, 0, ids, w).double().flatten()
+    n = u.numel()
+    # mean within 5 standard errors (sd of U(0,1) is 1/sqrt(12)); each decile within 5 sigma
+    assert abs(u.mean().item() - 0.5) < 5 / math.sqrt(12 * n)
+    counts = torch.histc(u, bins=10, min=0, max=1)
+    assert ((counts - n / 10).abs() < 5 * math.sqrt(n * 0.1 * 0.9)).all(), counts
+    # neighbouring tokens uncorrelated: |corr| within 5 / sqrt(n)
+    a, b = u.view(64, 256)[:, :-1].flatten(), u.view(64, 256)[:, 1:].flatten()
+    corr = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+    assert abs(corr) < 5 / math.sqrt(a.numel())
+
+
+def test_trust_fraction_matches_expected_acceptance_probability():
+    """Given the log-ratios r, M_t ~ Bernoulli(P_t) independently, so the trusted count has
+    mean sum P_t and variance sum P_t (1 - P_t); the observed count must lie within 5 standard
+    deviations (a false failure has probability < 1e-6)."""
+    batch = make_batch(seed=9, B=32, S=128, teacher_scale=1.5)
+    config = TrOPDConfig(topk=8, seed=123)
+    _, _, metrics = distillation_loss(batch["student"].float(), batch["teacher"].float(), batch["target"],
+                                      batch["mask"], config, vocab_size=batch["vocab"], step=4)
+    reduced = reduce_metrics(metrics)
+    target = batch["target"].clamp_min(0)[..., None]
+    r = (ref.log_probs(batch["teacher"], batch["vocab"]).gather(-1, target)
+         - ref.log_probs(batch["student"], batch["vocab"]).gather(-1, target))[..., 0]
+    p = r.clamp_max(0).exp()[batch["mask"] > 0]
+    expected, sd = p.sum().item(), (p * (1 - p)).sum().sqrt().item()
+    observed = reduced["trust_fraction"] * reduced["policy_tokens"]
+    assert 0.05 < expected / p.numel() < 0.95, "the batch must mix trusted and outlier tokens"
+    assert abs(observed - expected) < 5 * sd, (observed, expected, sd)
