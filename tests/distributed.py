@@ -23,7 +23,8 @@ def free_port() -> int:
 
 def _to_numpy(obj):
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().numpy()
+        obj = obj.detach().cpu()
+        return (obj.float() if obj.dtype == torch.bfloat16 else obj).numpy()  # numpy has no bf16
     if isinstance(obj, dict):
         return {k: _to_numpy(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -185,3 +185,30 @@ def test_bf16_student_logits_accumulate_in_fp32(name):
     exp_loss, _, exp_grad = reference_case(batch, case)
     np.testing.assert_allclose(loss.item(), exp_loss, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grad.double().numpy(), exp_grad, rtol=1e-2, atol=1e-4)
+
+
+def _inplace_worker(rank, world, batch, dtype):
+    group = dist.group.WORLD if world > 1 else None
+    out = []
+    for inplace in (False, True):
+        x = shard(batch["student"], rank, world).to(dtype).requires_grad_(True)
+        logits = x * 1  # a non-leaf, like a model's output
+        logits.retain_grad()
+        loss, _, _ = distillation_loss(logits, shard(batch["teacher"], rank, world).float(), batch["target"],
+                                       batch["mask"], TrOPDConfig(topk=16), tp_group=group, vocab_size=batch["vocab"],
+                                       inplace_backward=inplace)
+        loss.backward()
+        out.append((x.grad, logits.detach().clone()))
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_inplace_backward_gives_the_same_gradient(tp, dtype):
+    batch = make_batch(seed=8)
+    ranks = [_inplace_worker(0, 1, batch, dtype)] if tp == 1 else run_workers(_inplace_worker, tp, batch, dtype)
+    for r in ranks:
+        (grad, logits), (grad_inplace, consumed) = r
+        assert torch.equal(torch.as_tensor(grad), torch.as_tensor(grad_inplace))
+        assert torch.equal(torch.as_tensor(consumed), torch.as_tensor(grad_inplace))  # logits now hold the gradient
+        assert not torch.equal(torch.as_tensor(logits), torch.as_tensor(consumed))

@@ -65,6 +65,7 @@ def distillation_loss(
     vocab_size: Optional[int] = None,
     step: int = 0,
     total_steps: int = 1,
+    inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss of one micro-batch on tensor-parallel vocab-sharded logits.
 
@@ -84,6 +85,9 @@ def distillation_loss(
         tp_group: tensor-parallel group the vocabulary is split over (None: unsharded).
         vocab_size: the tokenizer's true vocabulary size; ids >= it are padding (-inf).
         step, total_steps: training progress (REOPOLD switch, TrOPD mask seed and beta_s).
+        inplace_backward: the backward writes the gradient into student_logits' storage
+            instead of a new buffer (one shard less at peak; read the logits before backward).
+            Not with DenseKLConfig, whose full-vocabulary terms read the logits in backward.
     Returns:
         loss_sum: differentiable scalar, the sum of per-token losses. Divide by the global
             token count (num_tokens summed over DP x CP x micro-batches) for the gradient to
@@ -105,6 +109,8 @@ def distillation_loss(
         _expect("rollout_logprobs", rollout_logprobs, (B, S), floating=True)
         if isinstance(config, DenseKLConfig):
             raise ValueError("rollout_logprobs does not apply to DenseKLConfig (no reward term)")
+    if inplace_backward and isinstance(config, DenseKLConfig):
+        raise ValueError("inplace_backward is not supported with DenseKLConfig (its backward reads the logits)")
     signal, dense_logits = _teacher_signal(teacher, target_ids, config, tp_group, vocab_size, local_vocab)
 
     weight = loss_mask.detach().float()
@@ -123,7 +129,9 @@ def distillation_loss(
     ids = torch.where(in_range, target_ids.long(), 0)
     k = config.signal_topk
     all_ids = torch.cat([ids[..., None], signal.topk_ids[..., :k].long()], dim=-1)
-    logprobs, student_entropy = gather_logprobs(student_logits, all_ids, tp_group=tp_group, vocab_size=vocab_size)
+    logprobs, student_entropy = gather_logprobs(
+        student_logits, all_ids, tp_group=tp_group, vocab_size=vocab_size, inplace_backward=inplace_backward
+    )
     logprob = logprobs[..., 0]
     log_ratio = (signal.token_logprobs - logprob).detach()
 

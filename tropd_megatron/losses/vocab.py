@@ -27,9 +27,9 @@ from .collectives import (
     all_reduce_max,
 )
 
-# Rows per chunk are chosen so one fp32 temporary holds about this many elements (16 MiB):
-# the forward never materialises a full-shard working copy.
-CHUNK_ELEMENTS = 1 << 22
+# Rows per chunk are chosen so one fp32 temporary holds about this many elements (4 MiB):
+# neither forward nor backward materialises a full-shard fp32 working copy.
+CHUNK_ELEMENTS = 1 << 20
 # Global ids travel packed with float statistics; fp32 holds integers exactly below 2**24.
 MAX_PACKED_ID = 1 << 24
 
@@ -143,16 +143,18 @@ class _GatherLogProbs(torch.autograd.Function):
     """log p(ids) from a vocab shard; backward recomputes the softmax from the saved input.
 
     Forward keeps only a reference to the input logits and O(T * m) statistics, so between
-    forward and backward the loss holds no fp32 copy of the shard. Backward, per token:
+    forward and backward the loss holds no copy of the shard. Backward, per token:
     d log p_j / d z_u = 1[u = id_j] - p_u, so dL/dz = scatter(G) - rowsum(G) * softmax(z),
-    computed on the local shard with no collective (G is replicated on every TP rank).
+    computed chunk by chunk on the local shard with no collective (G is replicated on every
+    TP rank) and written into a buffer of the input's dtype, or with ``inplace`` into the
+    input's own storage (the logits are consumed, as Megatron's cross entropy does).
     """
 
     @staticmethod
-    def forward(ctx, logits, ids, shard, group):
+    def forward(ctx, logits, ids, shard, group, inplace):
         stats = shard_statistics(logits, ids, shard, group)
         ctx.save_for_backward(logits, ids, stats.lse)
-        ctx.shard = shard
+        ctx.shard, ctx.inplace = shard, inplace
         entropy = stats.entropy
         ctx.mark_non_differentiable(entropy)
         return stats.logits_at_ids - stats.lse[:, None], entropy
@@ -161,18 +163,20 @@ class _GatherLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logprobs, _grad_entropy):
         logits, ids, lse = ctx.saved_tensors
         shard = ctx.shard
-        grad_logprobs = grad_logprobs.to(lse.dtype)
-        grad = torch.zeros(logits.shape, dtype=lse.dtype, device=logits.device)
+        grad = logits if ctx.inplace else torch.empty_like(logits)
+        grad[:, shard.valid :] = 0
         if shard.valid > 0:
+            grad_logprobs = grad_logprobs.to(lse.dtype)
             coef = -grad_logprobs.sum(-1)
-            real = grad[:, : shard.valid]
-            for rs in _row_chunks(logits.shape[0], shard.valid):
-                torch.sub(logits[rs, : shard.valid], lse[rs, None], out=real[rs])
-                real[rs].exp_().mul_(coef[rs, None])
             local_ids = ids.long() - shard.start
             owned = (local_ids >= 0) & (local_ids < shard.valid)
-            grad.scatter_add_(1, local_ids.clamp(0, shard.size - 1), torch.where(owned, grad_logprobs, 0.0))
-        return grad.to(logits.dtype), None, None, None
+            local_ids = local_ids.clamp(0, shard.valid - 1)
+            sparse = torch.where(owned, grad_logprobs, 0.0)
+            for rs in _row_chunks(logits.shape[0], shard.valid):
+                chunk = torch.sub(logits[rs, : shard.valid], lse[rs, None]).to(lse.dtype)
+                chunk.exp_().mul_(coef[rs, None]).scatter_add_(1, local_ids[rs], sparse[rs])
+                grad[rs, : shard.valid] = chunk
+        return grad, None, None, None, None
 
 
 def gather_logprobs(
@@ -181,12 +185,15 @@ def gather_logprobs(
     *,
     tp_group: ProcessGroup = None,
     vocab_size: Optional[int] = None,
+    inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of global token ids, and the full-vocabulary entropy.
 
     Args:
         logits: [..., V/TP] local vocabulary shard (any float dtype).
         ids: [..., m] global ids (< vocab_size) aligned with the leading dims of logits.
+        inplace_backward: write the gradient into ``logits``' storage (saves one shard of
+            memory; the logits hold the gradient after backward).
     Returns:
         logprobs [..., m] (differentiable w.r.t. logits, memory-lean backward) and
         entropy [...] (no gradient), both in fp32 (fp64 for fp64 logits).
@@ -196,7 +203,9 @@ def gather_logprobs(
         raise ValueError(f"ids has shape {tuple(ids.shape)}; expected {tuple(lead)} + (m,) to match logits")
     shard = VocabShard.of(logits.shape[-1], tp_group, vocab_size)
     flat_logits = logits.reshape(-1, logits.shape[-1])
-    logprobs, ent = _GatherLogProbs.apply(flat_logits, ids.reshape(-1, ids.shape[-1]), shard, tp_group)
+    logprobs, ent = _GatherLogProbs.apply(
+        flat_logits, ids.reshape(-1, ids.shape[-1]), shard, tp_group, inplace_backward
+    )
     return logprobs.reshape(ids.shape), ent.reshape(lead)
 
 
