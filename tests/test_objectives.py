@@ -124,7 +124,7 @@ def test_objectives_match_reference(tp):
             losses = [float(r[i][0]) for r in ranks]
             assert len(set(losses)) == 1, f"{what}: loss differs across TP ranks {losses}"
             np.testing.assert_allclose(losses[0], exp_loss, rtol=RTOL, atol=ATOL, err_msg=what)
-            assert float(ranks[0][i][1]) == exp_n
+            assert float(ranks[0][i][1]) == exp_n and ranks[0][i][1].dtype == np.int32  # Megatron sums ints
             grad = unshard([r[i][3] for r in ranks])
             np.testing.assert_allclose(grad, exp_grad, rtol=RTOL, atol=ATOL, err_msg=what + " grad")
             assert np.abs(grad).sum() > 0, what

