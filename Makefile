@@ -20,8 +20,9 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q tests
 
+# The loss benchmark at TP = 2 (docs/benchmarks.md); pass options with ARGS="--dtype bf16".
 bench: install
-	$(PY) bench/losses.py
+	$(VENV)/bin/torchrun --nproc-per-node 2 bench/losses.py $(ARGS)
 
 demo:
 	@echo "make demo arrives with the tiny-task issue (#5): the TrOPD run on CPU is not built yet."

@@ -1,8 +1,8 @@
 """Plain single-process fp64 references over the full vocabulary, written from the
 equations (design.md section 2), independent of the library's sharded code paths.
 
-Logits are [B, S, Vpad]; columns >= vocab are padding. The only library piece used is
-``token_uniforms``, the seeded hash that the stochastic trust mask draws from (tested on
+Logits are [B, S, Vpad]; columns >= vocab are padding. The only library pieces used are
+``sequence_token_keys`` and ``token_uniforms``, the seeded hash that the stochastic trust mask draws from (tested on
 its own in test_trust_mask.py), so that reference and library draw the same Bernoullis.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from tropd_megatron.losses import DenseKLConfig, EOPDConfig, OPDConfig, REOPOLDConfig, TrOPDConfig, token_uniforms
+from tropd_megatron.losses import DenseKLConfig, EOPDConfig, OPDConfig, REOPOLDConfig, TrOPDConfig, sequence_token_keys, token_uniforms
 
 
 def log_probs(logits: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -51,8 +51,10 @@ def pg(lp_y, reward, rollout, eps):
     return -torch.minimum(ratio * reward, ratio.clamp(1 - eps, 1 + eps) * reward)
 
 
-def objective(config, student, teacher, y, mask, *, vocab, prefix=None, rollout=None, step=0, total_steps=1):
-    """Returns (loss_sum, num_tokens) with autograd to ``student`` (fp64)."""
+def objective(config, student, teacher, y, mask, *, vocab, prefix=None, rollout=None, step=0, total_steps=1,
+              keys_mask=None):
+    """Returns (loss_sum, num_tokens) with autograd to ``student`` (fp64). ``keys_mask`` is the
+    rollout's loss mask that the trust-mask keys hash (default ``mask``)."""
     lp, lq = log_probs(student, vocab), log_probs(teacher, vocab)
     lp_y = lp.gather(-1, y[..., None])[..., 0]
     lq_y = lq.gather(-1, y[..., None])[..., 0]
@@ -83,7 +85,7 @@ def objective(config, student, teacher, y, mask, *, vocab, prefix=None, rollout=
         if config.trust == "deterministic":
             m = (r >= config.trust_threshold).double()
         else:
-            u = token_uniforms(config.seed, step, y, pol).double()
+            u = token_uniforms(config.seed, step, sequence_token_keys(y, mask if keys_mask is None else keys_mask)).double()
             m = (u < torch.clamp(torch.exp(r), max=1.0)).double()
         per = m * pg(lp_y, r, ro, config.ppo_clip)
         if config.outlier == "clip":

@@ -21,6 +21,7 @@ from tropd_megatron.losses import (
     distillation_loss,
     kl_estimators,
     reduce_metrics,
+    sequence_token_keys,
 )
 
 RTOL, ATOL = 1e-5, 1e-5  # fp32 shard arithmetic against fp64
@@ -80,7 +81,7 @@ def reference_case(batch, case):
         config, x, batch["teacher"], target, batch["mask"], vocab=batch["vocab"],
         prefix=batch["prefix"] if use_prefix else None,
         rollout=batch["rollout"].float().double() if use_rollout else None,
-        step=step, total_steps=TOTAL_STEPS,
+        step=step, total_steps=TOTAL_STEPS, keys_mask=batch.get("keys_mask"),
     )
     loss.backward()
     return loss.item(), n.item(), x.grad.numpy()
@@ -170,6 +171,37 @@ def test_data_parallel_split_gives_the_same_gradient(tp):
         _, n, grad = reference_case(batch, case)
         rows = [unshard([ranks[d * tp + t][i] for t in range(tp)]) for d in range(2)]
         np.testing.assert_allclose(np.concatenate(rows, 0), grad / n, rtol=RTOL, atol=1e-6, err_msg=case[0])
+
+
+def _cp_worker(rank, world, batch):
+    """Context parallelism: each rank holds half of every sequence (positions split), the
+    trust-mask keys computed on whole sequences before the split."""
+    keys = sequence_token_keys(batch["target"].clamp_min(0), batch["mask"])
+    half = batch["student"].shape[1] // world
+    cut = slice(rank * half, (rank + 1) * half)
+    out = []
+    for case in DP_CASES:
+        _, config, use_prefix, _, step = case
+        x = batch["student"][:, cut].float().requires_grad_(True)
+        loss_sum, n, _ = distillation_loss(
+            x, batch["teacher"][:, cut].float(), batch["target"][:, cut], batch["mask"][:, cut], config,
+            prefix_mask=batch["prefix"][:, cut] if use_prefix else None, vocab_size=batch["vocab"],
+            step=step, total_steps=TOTAL_STEPS, trust_keys=keys[:, cut],
+        )
+        total = n.clone()
+        dist.all_reduce(total)
+        (loss_sum / total).backward()
+        out.append(x.grad)
+    return out
+
+
+def test_context_parallel_split_gives_the_same_gradient():
+    batch = make_batch(seed=4, B=2, S=8)
+    ranks = run_workers(_cp_worker, 2, batch)
+    for i, case in enumerate(DP_CASES):
+        _, n, grad = reference_case(batch, case)
+        np.testing.assert_allclose(np.concatenate([r[i] for r in ranks], 1), grad / n, rtol=RTOL, atol=1e-6,
+                                   err_msg=case[0])
 
 
 @pytest.mark.parametrize("name", ["opd", "eopd", "tropd_stoch_fkl", "tropd_det_clip", "dense_fkl"])

@@ -27,7 +27,8 @@ FAULT_CASES = [c for c in CASES if c[0] in ("opd", "eopd", "reopold_explore", "t
 
 def faulty_batch():
     batch = make_batch(seed=11)
-    clean = dict(batch, mask=batch["mask"].clone(), teacher=batch["teacher"].clone())
+    # keys_mask: the trust-mask draws hash the rollout's mask, whatever the teacher did
+    clean = dict(batch, mask=batch["mask"].clone(), teacher=batch["teacher"].clone(), keys_mask=batch["mask"])
     for b, s, col, value in FAULTS:
         batch["teacher"][b, s, col] = value
         clean["mask"][b, s] = 0.0  # the reference simply drops the faulty tokens

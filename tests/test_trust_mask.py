@@ -6,7 +6,11 @@ import torch
 
 import reference as ref
 from batches import make_batch
-from tropd_megatron.losses import TrOPDConfig, distillation_loss, reduce_metrics, token_uniforms
+from tropd_megatron.losses import TrOPDConfig, distillation_loss, reduce_metrics, sequence_token_keys, token_uniforms
+
+
+def draws(seed, step, ids, mask):
+    return token_uniforms(seed, step, sequence_token_keys(ids, mask))
 
 
 def _ids(seed=0, B=8, S=64, V=1000):
@@ -16,26 +20,26 @@ def _ids(seed=0, B=8, S=64, V=1000):
 
 def test_uniforms_are_reproducible_and_depend_on_seed_and_step():
     ids, w = _ids()
-    u = token_uniforms(3, 10, ids, w)
-    assert torch.equal(u, token_uniforms(3, 10, ids, w))
+    u = draws(3, 10, ids, w)
+    assert torch.equal(u, draws(3, 10, ids, w))
     assert (u >= 0).all() and (u < 1).all()
-    for other in (token_uniforms(4, 10, ids, w), token_uniforms(3, 11, ids, w)):
+    for other in (draws(4, 10, ids, w), draws(3, 11, ids, w)):
         assert (other != u).float().mean() > 0.99
 
 
 def test_uniforms_follow_the_sequence_not_its_batch_index():
     ids, w = _ids()
     perm = torch.randperm(ids.shape[0])
-    assert torch.equal(token_uniforms(0, 1, ids, w)[perm], token_uniforms(0, 1, ids[perm], w[perm]))
+    assert torch.equal(draws(0, 1, ids, w)[perm], draws(0, 1, ids[perm], w[perm]))
     # padding more positions on the right (mask 0) leaves the draws of real tokens unchanged
     padded = torch.cat([ids, torch.zeros_like(ids[:, :5])], 1)
     pw = torch.cat([w, torch.zeros_like(w[:, :5])], 1)
-    assert torch.equal(token_uniforms(0, 1, padded, pw)[:, :64], token_uniforms(0, 1, ids, w))
+    assert torch.equal(draws(0, 1, padded, pw)[:, :64], draws(0, 1, ids, w))
 
 
 def test_uniforms_look_uniform_and_independent():
     ids, w = _ids(B=64, S=256)  # 16384 draws
-    u = token_uniforms(0, 0, ids, w).double().flatten()
+    u = draws(0, 0, ids, w).double().flatten()
     n = u.numel()
     # mean within 5 standard errors (sd of U(0,1) is 1/sqrt(12)); each decile within 5 sigma
     assert abs(u.mean().item() - 0.5) < 5 / math.sqrt(12 * n)

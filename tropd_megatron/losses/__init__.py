@@ -14,7 +14,7 @@ from .config import (
 )
 from .distillation import distillation_loss, reduce_metrics
 from .estimators import kl_estimators, topk_forward_kl
-from .objectives import prefix_beta, token_uniforms
+from .objectives import prefix_beta, sequence_token_keys, token_uniforms
 from .teacher import TeacherSignal
 from .vocab import (
     dense_forward_kl,
@@ -45,6 +45,7 @@ __all__ = [
     "log_softmax_stats",
     "prefix_beta",
     "reduce_metrics",
+    "sequence_token_keys",
     "token_uniforms",
     "topk_forward_kl",
     "vocab_parallel_topk",

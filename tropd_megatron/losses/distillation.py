@@ -9,7 +9,7 @@ import torch.distributed as dist
 from .collectives import ProcessGroup
 from .config import DenseKLConfig, ObjectiveConfig, TrOPDConfig
 from .estimators import kl_estimators
-from .objectives import OBJECTIVES, TokenView, prefix_beta
+from .objectives import OBJECTIVES, TokenView, prefix_beta, sequence_token_keys
 from .teacher import TeacherSignal
 from .vocab import dense_forward_kl, dense_reverse_kl, gather_logprobs
 
@@ -66,6 +66,7 @@ def distillation_loss(
     step: int = 0,
     total_steps: int = 1,
     inplace_backward: bool = False,
+    trust_keys: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss of one micro-batch on tensor-parallel vocab-sharded logits.
 
@@ -88,6 +89,9 @@ def distillation_loss(
         inplace_backward: the backward writes the gradient into student_logits' storage
             instead of a new buffer (one shard less at peak; read the logits before backward).
             Not with DenseKLConfig, whose full-vocabulary terms read the logits in backward.
+        trust_keys: [B, S] int64 keys of the stochastic trust mask's draws; default
+            ``sequence_token_keys(target_ids, loss_mask)``. With context parallelism compute
+            them on whole sequences before splitting them.
     Returns:
         loss_sum: differentiable scalar, the sum of per-token losses. Divide by the global
             token count (num_tokens summed over DP x CP x micro-batches) for the gradient to
@@ -106,6 +110,8 @@ def distillation_loss(
         _expect("prefix_mask", prefix_mask, (B, S))
         if not isinstance(config, TrOPDConfig):
             raise ValueError(f"prefix_mask is used by TrOPDConfig's prefix guidance only, not {type(config).__name__}")
+    if trust_keys is not None:
+        _expect("trust_keys", trust_keys, (B, S), integer=True)
     if rollout_logprobs is not None:
         _expect("rollout_logprobs", rollout_logprobs, (B, S), floating=True)
         if isinstance(config, DenseKLConfig):
@@ -150,7 +156,7 @@ def distillation_loss(
             teacher_entropy=signal.entropy,
             student_entropy=student_entropy,
             rollout_logprob=None if rollout_logprobs is None else rollout_logprobs.detach().float(),
-            target_ids=ids,
+            trust_keys=sequence_token_keys(ids, loss_mask) if trust_keys is None else trust_keys,
             weight=policy_weight,
         )
         per_token, trust = OBJECTIVES[type(config)](config, tokens, step)

@@ -26,7 +26,8 @@ class TokenView:
     """One micro-batch, per token [B, S] (top-k fields [B, S, k]).
 
     logprob / topk_logprobs are the student's, differentiable; everything else is constant.
-    log_ratio = log p_T(y) - log p_S(y). weight > 0 marks on-policy loss tokens.
+    log_ratio = log p_T(y) - log p_S(y). weight > 0 marks on-policy loss tokens; trust_keys
+    are the stochastic trust mask's per-token hash keys (``sequence_token_keys``).
     """
 
     logprob: torch.Tensor
@@ -36,7 +37,7 @@ class TokenView:
     teacher_entropy: torch.Tensor
     student_entropy: torch.Tensor
     rollout_logprob: Optional[torch.Tensor]
-    target_ids: torch.Tensor
+    trust_keys: torch.Tensor
     weight: torch.Tensor
 
 
@@ -89,18 +90,25 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def token_uniforms(seed: int, step: int, target_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) draws [B, S], a pure function of (seed, step, token, position, sequence).
+def sequence_token_keys(target_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token keys [B, S] (int64) for the stochastic trust mask: a hash of the token id,
+    its position and a fingerprint of its sequence's loss tokens.
 
-    Identical on every tensor-parallel rank without communication, and independent of how
-    the batch is split over data-parallel ranks or micro-batches: the sequence enters through
-    a fingerprint of its loss tokens, not through its index in the batch.
+    A sequence gets the same keys whichever data-parallel rank, micro-batch or batch row
+    holds it. Under context parallelism compute them on whole sequences before the split and
+    pass them as ``distillation_loss(trust_keys=...)``.
     """
     positions = torch.arange(target_ids.shape[-1], device=target_ids.device)
     per_token = _mix32((target_ids.long() & _M32) ^ _mix32(positions + 0x9E3779B9))
-    fingerprint = (per_token * (weight > 0)).sum(-1, keepdim=True) & _M32
-    key = _mix32(torch.tensor(((seed & _M32) * 0x9E3779B1 + step) & _M32, device=target_ids.device))
-    hashed = _mix32(per_token ^ _mix32(fingerprint ^ key))
+    fingerprint = (per_token * (loss_mask != 0)).sum(-1, keepdim=True) & _M32
+    return _mix32(per_token ^ _mix32(fingerprint))
+
+
+def token_uniforms(seed: int, step: int, keys: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) draws, one per key: a pure function of (seed, step, key), identical on
+    every tensor-parallel rank without communication."""
+    salt = _mix32(torch.tensor(((seed & _M32) * 0x9E3779B1 + step) & _M32, device=keys.device))
+    hashed = _mix32((keys & _M32) ^ salt)
     return (hashed >> 8).to(torch.float64).div(1 << 24).to(torch.float32)
 
 
@@ -109,7 +117,7 @@ def trust_mask(config: TrOPDConfig, tokens: TokenView, step: int) -> torch.Tenso
     if config.trust == "deterministic":
         return (tokens.log_ratio >= config.trust_threshold).float()
     accept = tokens.log_ratio.clamp_max(0.0).exp()
-    return (token_uniforms(config.seed, step, tokens.target_ids, tokens.weight) < accept).float()
+    return (token_uniforms(config.seed, step, tokens.trust_keys) < accept).float()
 
 
 def tropd(config: TrOPDConfig, tokens: TokenView, step: int):

@@ -1,0 +1,27 @@
+"""The loss benchmark runs end to end under torchrun at a tiny size (it is timed in
+bench/, never here): every row reports, and the compact objectives issue one collective."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.timeout(180)
+def test_benchmark_runs_under_torchrun(tmp_path):
+    from distributed import free_port
+
+    table = tmp_path / "table.md"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           os.path.join(ROOT, "bench", "losses.py"), "--tokens", "64", "--vocab", "512", "--iters", "1",
+           "--markdown", str(table)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=170,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    names = [row.split(" | ")[0][2:] for row in rows]
+    assert names[0] == "Megatron vocab_parallel_cross_entropy" and len(rows) == 10, names
+    for row in rows[2:-1]:  # every compact objective: one all-gather per call
+        assert row.split(" | ")[5] == "1", row
