@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from .collectives import ProcessGroup
+from .collectives import ProcessGroup, VocabShard
 from .config import DenseKLConfig, ObjectiveConfig, TrOPDConfig
 from .estimators import kl_estimators
 from .objectives import OBJECTIVES, TokenView, prefix_beta, sequence_token_keys
@@ -128,7 +128,7 @@ def distillation_loss(
     policy_weight = torch.where(prefix, 0.0, weight)
     prefix_weight = torch.where(prefix, weight, 0.0)
 
-    true_vocab = vocab_size or local_vocab * (1 if tp_group is None else dist.get_world_size(tp_group))
+    true_vocab = VocabShard.of(local_vocab, tp_group, vocab_size).vocab_size
     in_range = (target_ids >= 0) & (target_ids < true_vocab)
     if bool((in_loss & ~in_range).any()):
         bad = target_ids[in_loss & ~in_range][0].item()

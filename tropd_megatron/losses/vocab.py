@@ -285,6 +285,14 @@ def _xlogy_diff(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return torch.where(q > 0, q * (logq - logp), torch.zeros_like(q))
 
 
+def _dense_kl(student_logits, teacher_logits, tp_group, vocab_size, *, reverse: bool) -> torch.Tensor:
+    shard = VocabShard.of(student_logits.shape[-1], tp_group, vocab_size)
+    logp = log_softmax(student_logits, tp_group=tp_group, vocab_size=vocab_size)[..., : shard.valid]
+    logq = log_softmax(teacher_logits, tp_group=tp_group, vocab_size=vocab_size)[..., : shard.valid]
+    terms = _xlogy_diff(logp, logq) if reverse else _xlogy_diff(logq, logp)
+    return _reduce_over_real_columns(terms, shard, tp_group)
+
+
 def dense_forward_kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -293,10 +301,7 @@ def dense_forward_kl(
     vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """KL(p_T || p_S) per token over the full vocabulary [...], differentiable."""
-    shard = VocabShard.of(student_logits.shape[-1], tp_group, vocab_size)
-    logp = log_softmax(student_logits, tp_group=tp_group, vocab_size=vocab_size)[..., : shard.valid]
-    logq = log_softmax(teacher_logits, tp_group=tp_group, vocab_size=vocab_size)[..., : shard.valid]
-    return _reduce_over_real_columns(_xlogy_diff(logq, logp), shard, tp_group)
+    return _dense_kl(student_logits, teacher_logits, tp_group, vocab_size, reverse=False)
 
 
 def dense_reverse_kl(
@@ -307,7 +312,4 @@ def dense_reverse_kl(
     vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """KL(p_S || p_T) per token over the full vocabulary [...], differentiable."""
-    shard = VocabShard.of(student_logits.shape[-1], tp_group, vocab_size)
-    logp = log_softmax(student_logits, tp_group=tp_group, vocab_size=vocab_size)[..., : shard.valid]
-    logq = log_softmax(teacher_logits, tp_group=tp_group, vocab_size=vocab_size)[..., : shard.valid]
-    return _reduce_over_real_columns(_xlogy_diff(logp, logq), shard, tp_group)
+    return _dense_kl(student_logits, teacher_logits, tp_group, vocab_size, reverse=True)
