@@ -1,0 +1,12 @@
+"""The Megatron side: student and co-located frozen teacher, the training step, checkpoints.
+
+Importing it needs megatron-core (the ``megatron`` extra); ``tropd_megatron.losses`` does not.
+"""
+from .config import ModelConfig, OptimConfig, ParallelConfig
+from .models import build_gpt, check_vocab, initialize
+from .step import MicroBatch, Student, StepResult, build_student, teacher_outputs, train_step
+
+__all__ = [
+    "MicroBatch", "ModelConfig", "OptimConfig", "ParallelConfig", "StepResult", "Student",
+    "build_gpt", "build_student", "check_vocab", "initialize", "teacher_outputs", "train_step",
+]

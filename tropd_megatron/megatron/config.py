@@ -1,0 +1,78 @@
+"""Typed configs for the Megatron side: models, parallel layout, optimizer. Defaults live here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """A Llama/Qwen-style decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    vocab_size: int  # the tokenizer's true size
+    max_sequence_length: int
+    num_query_groups: int | None = None  # None: multi-head attention
+    padded_vocab_size: int | None = None  # embedding rows (>= vocab_size); None: vocab_size
+    rotary_base: int = 10000
+    normalization: str = "RMSNorm"
+    swiglu: bool = True
+    untie_embeddings: bool = True
+    dtype: str = "fp32"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"ModelConfig.dtype={self.dtype!r}; expected one of {tuple(DTYPES)}")
+        if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+            raise ValueError(
+                f"ModelConfig.padded_vocab_size={self.padded_vocab_size} is below vocab_size={self.vocab_size}"
+            )
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ValueError(
+                f"ModelConfig.num_query_groups={groups} must divide num_attention_heads={self.num_attention_heads}"
+            )
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.padded_vocab_size or self.vocab_size
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+
+    def check(self, world_size: int, model: ModelConfig) -> None:
+        """Refuse layouts that cannot work, naming the sizes."""
+        if world_size % (self.tensor * self.pipeline):
+            raise ValueError(f"world size {world_size} is not divisible by tensor x pipeline = {self.tensor * self.pipeline}")
+        groups = model.num_query_groups or model.num_attention_heads
+        for name, value in (("num_attention_heads", model.num_attention_heads), ("num_query_groups", groups),
+                            ("padded vocabulary", model.embedding_rows), ("ffn_hidden_size", model.ffn_hidden_size)):
+            if value % self.tensor:
+                raise ValueError(f"tensor parallel size {self.tensor} does not divide {name}={value}")
+        if model.num_layers % self.pipeline:
+            raise ValueError(f"pipeline parallel size {self.pipeline} does not divide num_layers={model.num_layers}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_style: str = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0

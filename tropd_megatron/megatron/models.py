@@ -1,0 +1,95 @@
+"""Student and co-located frozen teacher: Megatron GPTModels on the same TP / PP groups."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.transformer import TransformerConfig
+
+from . import cpu
+from .compat import gpt_layer_spec
+from .config import ModelConfig, ParallelConfig
+
+
+def initialize(parallel: ParallelConfig, seed: int = 0) -> None:
+    """Process group (NCCL on GPU, gloo on CPU), Megatron's model-parallel groups, seeds.
+
+    Every rank is seeded identically: with CPU initialisation the weights are then the same
+    at any TP size and data-parallel replicas never diverge.
+    """
+    if not dist.is_initialized():
+        dist.init_process_group("gloo" if cpu.on_cpu() else "nccl")
+    cpu.enable()
+    if not cpu.on_cpu():
+        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    dtype = model.torch_dtype
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization=model.normalization,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=True,  # identical weights at any TP size for a given seed
+        calculate_per_token_loss=True,  # the loss returns (sum, token count): global token mean
+        batch_p2p_sync=not cpu.on_cpu(),  # the sync calls torch.cuda.synchronize
+    )
+
+
+def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, frozen: bool = False) -> GPTModel:
+    """This rank's pipeline stage of the model. ``frozen``: eval mode, no gradients (the
+    teacher: it gets no optimizer state either, since only the student is handed to one)."""
+    parallel.check(dist.get_world_size(), model)
+    gpt = GPTModel(
+        transformer_config(model, parallel),
+        gpt_layer_spec(),
+        vocab_size=model.embedding_rows,
+        max_sequence_length=model.max_sequence_length,
+        position_embedding_type="rope",
+        rotary_base=model.rotary_base,
+        share_embeddings_and_output_weights=not model.untie_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    if not cpu.on_cpu():
+        gpt.cuda()
+    if frozen:
+        gpt.eval()
+        gpt.requires_grad_(False)
+    return gpt
+
+
+def check_vocab(student: ModelConfig, teacher: ModelConfig) -> None:
+    """Teacher and student must share the tokenizer's vocabulary (padding rows may differ)."""
+    if student.vocab_size != teacher.vocab_size:
+        raise ValueError(
+            f"teacher vocabulary ({teacher.vocab_size} tokens) differs from the student's "
+            f"({student.vocab_size} tokens): they must share one tokenizer"
+        )
+    if student.embedding_rows != teacher.embedding_rows:
+        raise ValueError(
+            f"teacher has {teacher.embedding_rows} embedding rows and the student {student.embedding_rows}: "
+            "pad both vocabularies to the same size (the loss compares logits shard by shard)"
+        )

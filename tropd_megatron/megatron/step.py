@@ -1,0 +1,167 @@
+"""The TrOPD training step on Megatron's pipeline schedules.
+
+One step = a no-grad teacher pass over the micro-batches (the compact ``TeacherSignal``, or
+the logits shard in dense mode, kept on the last pipeline stage) -> the student's
+forward/backward through ``get_forward_backward_func`` with ``distillation_loss`` on the last
+stage -> Megatron's optimizer (clipping, LR schedule). The gradient is the global token mean:
+Megatron's ``finalize_model_grads`` divides by the token count summed over data-parallel
+ranks and micro-batches.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from ..losses import ObjectiveConfig, TeacherSignal, distillation_loss, reduce_metrics
+from . import cpu
+from .config import ModelConfig, OptimConfig, ParallelConfig
+from .models import build_gpt
+
+
+@dataclass
+class MicroBatch:
+    """tokens [B, S] model input; labels [B, S] the token each position predicts (the sampled
+    response tokens); loss_mask [B, S]; optional prefix_mask and rollout_logprobs [B, S]."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    prefix_mask: Optional[torch.Tensor] = None
+    rollout_logprobs: Optional[torch.Tensor] = None
+
+    def model_inputs(self):
+        B, S = self.tokens.shape
+        positions = torch.arange(S, device=self.tokens.device).expand(B, S)
+        # explicit causal mask (True = masked): a None mask reaches a "cuda" literal on CPU
+        causal = torch.ones(S, S, dtype=torch.bool, device=self.tokens.device).triu(1)[None, None]
+        return self.tokens, positions, causal
+
+
+@dataclass
+class Student:
+    model: DistributedDataParallel
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+
+
+def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, total_steps: int) -> Student:
+    gpt = build_gpt(model, parallel)
+    config = gpt.config
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=not cpu.on_cpu()),
+        module=gpt,
+    )
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, clip_grad=optim.clip_grad,
+            bf16=model.dtype == "bf16", fp16=model.dtype == "fp16", params_dtype=model.torch_dtype,
+            use_distributed_optimizer=not cpu.on_cpu(),
+        ),
+        [ddp],
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(total_steps, 1), lr_decay_style=optim.decay_style,
+        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+    return Student(ddp, optimizer, scheduler)
+
+
+def _schedule(model, microbatches: list[MicroBatch], items: list, forward_step, forward_only: bool):
+    """Megatron's pipeline schedule over ``items`` (one per micro-batch, fed to forward_step)."""
+    B, S = microbatches[0].tokens.shape
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(items), model=[model],
+        num_microbatches=len(items), seq_length=S, micro_batch_size=B, forward_only=forward_only,
+    )
+
+
+@torch.no_grad()
+def teacher_outputs(teacher, microbatches: list[MicroBatch], *, topk: int, dense: bool, vocab_size: int) -> list:
+    """Per micro-batch on the last pipeline stage: a TeacherSignal (compact) or the teacher's
+    logits shard (dense); None on other stages."""
+    outputs: list = []
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+
+        def keep(logits):
+            outputs.append(logits.detach() if dense else TeacherSignal.from_logits(
+                logits, mb.labels, topk=topk, tp_group=tp_group, vocab_size=vocab_size))
+            return logits.new_zeros(()), torch.ones((), dtype=torch.int), {}
+
+        return model(*mb.model_inputs()), keep
+
+    _schedule(teacher, microbatches, microbatches, forward_step, forward_only=True)
+    return outputs if parallel_state.is_pipeline_last_stage() else [None] * len(microbatches)
+
+
+@dataclass
+class StepResult:
+    metrics: dict  # reduced over data-parallel ranks (last pipeline stage; empty elsewhere)
+    grad_norm: Optional[float]
+    lr: float
+    skipped: bool  # the optimizer refused the update (non-finite gradients)
+    seconds: dict  # teacher / student / optimizer wall time
+
+
+def train_step(
+    student: Student,
+    teacher,
+    microbatches: list[MicroBatch],
+    objective: ObjectiveConfig,
+    *,
+    vocab_size: int,
+    step: int,
+    total_steps: int,
+    dense: bool = False,
+) -> StepResult:
+    t0 = time.perf_counter()
+    signals = teacher_outputs(teacher, microbatches, topk=max(objective.signal_topk, 1), dense=dense,
+                              vocab_size=vocab_size)
+    t1 = time.perf_counter()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    def forward_step(data_iterator, model):
+        mb, signal = next(data_iterator)
+
+        def loss_func(logits):
+            return distillation_loss(
+                logits, signal, mb.labels, mb.loss_mask, objective, prefix_mask=mb.prefix_mask,
+                rollout_logprobs=mb.rollout_logprobs, tp_group=tp_group, vocab_size=vocab_size,
+                step=step, total_steps=total_steps,
+            )
+
+        return model(*mb.model_inputs()), loss_func
+
+    student.model.zero_grad_buffer()
+    student.optimizer.zero_grad()
+    collected = _schedule(student.model, microbatches, list(zip(microbatches, signals)), forward_step,
+                          forward_only=False)
+    t2 = time.perf_counter()
+    updated, grad_norm, _ = student.optimizer.step()
+    if updated:
+        student.scheduler.step(increment=1)
+    t3 = time.perf_counter()
+    metrics = {}
+    if parallel_state.is_pipeline_last_stage():
+        sums = {k: sum(m[k] for m in collected) for k in collected[0]}
+        metrics = reduce_metrics(sums, parallel_state.get_data_parallel_group())
+    return StepResult(
+        metrics=metrics, grad_norm=grad_norm, lr=student.optimizer.param_groups[0]["lr"], skipped=not updated,
+        seconds={"teacher": t1 - t0, "student": t2 - t1, "optimizer": t3 - t2},
+    )
