@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue as queue_module
+import time
 import socket
 import traceback
 
@@ -59,18 +61,22 @@ def run_workers(fn, world_size: int, *args, timeout: float = 90.0):
     for p in procs:
         p.start()
     results, errors = {}, []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
+        while len(results) < world_size and not errors:
             try:
-                rank, status, payload = queue.get(timeout=timeout)
-            except Exception:
-                errors.append(f"timed out after {timeout}s waiting for ranks {sorted(set(range(world_size)) - set(results))}")
-                break
+                rank, status, payload = queue.get(timeout=0.5)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+                if dead:
+                    errors.append(f"ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})")
+                elif time.monotonic() > deadline:
+                    errors.append(f"timed out after {timeout}s waiting for ranks {sorted(set(range(world_size)) - set(results))}")
+                continue
             if status == "ok":
                 results[rank] = payload
             else:
                 errors.append(f"rank {rank}:\n{payload}")
-                break
     finally:
         for p in procs:
             p.join(timeout=5)

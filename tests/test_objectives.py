@@ -133,6 +133,7 @@ def test_objectives_match_reference(tp):
             for key, value in exp_metrics.items():
                 np.testing.assert_allclose(metrics[key], value, rtol=1e-4, atol=1e-5, err_msg=f"{what} {key}")
             assert math.isclose(metrics["trust_fraction"] + metrics["outlier_fraction"], 1.0, rel_tol=1e-6)
+            np.testing.assert_allclose(metrics["loss"], exp_loss / exp_n, rtol=1e-5, atol=1e-6, err_msg=what)
 
 
 # Data-parallel invariance: the batch split over DP ranks with global token normalisation

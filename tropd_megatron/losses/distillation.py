@@ -13,8 +13,8 @@ from .objectives import OBJECTIVES, TokenView, prefix_beta, sequence_token_keys
 from .teacher import TeacherSignal
 from .vocab import dense_forward_kl, dense_reverse_kl, gather_logprobs
 
-# Metrics that are token counts; every other metric is a token sum over on-policy tokens
-# that ``reduce_metrics`` turns into a mean by dividing by policy_tokens.
+# Metrics that are token counts; "loss" is a sum over all loss tokens (mean: / tokens); every
+# other metric is a sum over on-policy tokens (mean: / policy_tokens).
 COUNT_METRICS = ("tokens", "policy_tokens", "prefix_tokens", "nonfinite_tokens")
 
 
@@ -98,7 +98,8 @@ def distillation_loss(
             be independent of how the batch was split.
         num_tokens: int32 scalar, the loss tokens (nonzero weight, teacher-faulty ones
             excluded): what Megatron's schedules sum with calculate_per_token_loss=True.
-        metrics: token sums (detached fp32 scalars); see ``reduce_metrics``.
+        metrics: token sums (detached fp32 scalars): "loss" and the metrics listed in the
+            README; ``reduce_metrics`` turns them into means.
     """
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits has shape {tuple(student_logits.shape)}; expected [B, S, V/TP]")
@@ -170,6 +171,7 @@ def distillation_loss(
         return (x.detach().float() * policy_weight).sum()
 
     metrics = {
+        "loss": loss_sum.detach().float(),
         "tokens": weight.sum(),
         "policy_tokens": policy_weight.sum(),
         "prefix_tokens": prefix_weight.sum(),
@@ -193,5 +195,8 @@ def reduce_metrics(metrics: dict[str, torch.Tensor], group: ProcessGroup = None)
     if group is not None:
         dist.all_reduce(values, group=group)
     totals = dict(zip(keys, values.tolist()))
-    denominator = max(totals.get("policy_tokens", 0.0), 1e-12)
-    return {key: value if key in COUNT_METRICS else value / denominator for key, value in totals.items()}
+
+    def mean(key, value):
+        return value / max(totals.get("tokens" if key == "loss" else "policy_tokens", 0.0), 1e-12)
+
+    return {key: value if key in COUNT_METRICS else mean(key, value) for key, value in totals.items()}

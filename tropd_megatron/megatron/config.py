@@ -24,6 +24,7 @@ class ModelConfig:
     normalization: str = "RMSNorm"
     swiglu: bool = True
     untie_embeddings: bool = True
+    init_method_std: float = 0.02
     dtype: str = "fp32"
 
     def __post_init__(self):
@@ -68,6 +69,7 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
+    optimizer: str = "adam"  # or "sgd"
     lr: float = 5e-6
     min_lr: float = 0.0
     warmup_steps: int = 0
@@ -76,3 +78,7 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     clip_grad: float = 1.0
+
+    def __post_init__(self):
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"OptimConfig.optimizer={self.optimizer!r}; expected 'adam' or 'sgd'")

@@ -44,6 +44,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         gated_linear_unit=model.swiglu,
         activation_func=F.silu if model.swiglu else F.gelu,
         add_bias_linear=False,
+        init_method_std=model.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=parallel.tensor,

@@ -1,0 +1,235 @@
+"""The Megatron student + co-located frozen teacher training step on CPU (gloo): TP / PP
+parity with TP = 1, a frozen teacher, checkpoints (resume, resharding, killed saves).
+
+Every run happens in fork-started workers (a fresh megatron parallel state each time).
+Weights are made identical across layouts the way a user's job does it: one checkpoint,
+loaded at every TP / PP layout.
+"""
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from distributed import run_workers
+from tropd_megatron.losses import TrOPDConfig
+
+pytest.importorskip("megatron.core")
+
+from tropd_megatron.megatron import (  # noqa: E402
+    MicroBatch,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    build_gpt,
+    build_student,
+    check_vocab,
+    initialize,
+    train_step,
+)
+from tropd_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+
+VOCAB = 60
+STUDENT = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+                      vocab_size=VOCAB, padded_vocab_size=64, max_sequence_length=16)
+# a sharp teacher (large init scale) against a near-uniform student: trust and outliers mix
+TEACHER = ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=4, ffn_hidden_size=96,
+                      vocab_size=VOCAB, padded_vocab_size=64, max_sequence_length=16, init_method_std=0.3)
+OBJECTIVE = TrOPDConfig(topk=8, seed=3)
+STEPS = 3
+# Parity tolerance: TP / PP change fp32 summation order (matmul splits, all-reduces).
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def microbatches(step):
+    g = torch.Generator().manual_seed(100 + step)
+    out = []
+    for _ in range(2):
+        tokens = torch.randint(0, VOCAB, (2, 8), generator=g)
+        mask = torch.ones(2, 8)
+        mask[:, :2] = 0  # prompt positions
+        out.append(MicroBatch(tokens=tokens, labels=torch.roll(tokens, -1, 1), loss_mask=mask))
+    return out
+
+
+def state_of(model):
+    """The full (unsharded) parameters as numpy, gathered by loading at TP = 1 elsewhere."""
+    return {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items() if torch.is_tensor(v)
+            and not k.endswith("_extra_state")}
+
+
+def _setup(tp, pp, optimizer="sgd", lr=0.5):
+    initialize(ParallelConfig(tp, pp), seed=0)
+    teacher = build_gpt(TEACHER, ParallelConfig(tp, pp), frozen=True)
+    student = build_student(STUDENT, ParallelConfig(tp, pp), OptimConfig(optimizer=optimizer, lr=lr, clip_grad=0.0),
+                            total_steps=STEPS)
+    return teacher, student
+
+
+def _init_worker(rank, world, root):
+    teacher, student = _setup(1, 1)
+    save_checkpoint(os.path.join(root, "teacher"), 0, teacher)
+    save_checkpoint(os.path.join(root, "student"), 0, student.model.module)
+
+
+def _parity_worker(rank, world, root, tp, pp):
+    teacher, student = _setup(tp, pp)
+    load_checkpoint(latest_checkpoint(os.path.join(root, "teacher")), teacher)
+    load_checkpoint(latest_checkpoint(os.path.join(root, "student")), student.model.module)
+    result = train_step(student, teacher, microbatches(0), OBJECTIVE, vocab_size=VOCAB, step=0, total_steps=STEPS)
+    save_checkpoint(os.path.join(root, f"after_tp{tp}pp{pp}"), 1, student.model.module)
+    return result.metrics
+
+
+def _read_worker(rank, world, path):
+    initialize(ParallelConfig(1, 1), seed=0)
+    model = build_gpt(STUDENT, ParallelConfig(1, 1))
+    load_checkpoint(path, model)
+    return state_of(model)
+
+
+@pytest.fixture(scope="module")
+def initial(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("megatron"))
+    run_workers(_init_worker, 1, root)
+    return root
+
+
+def test_tp_and_pp_steps_match_tp1(initial):
+    """One step at TP = 2 and TP = 2 x PP = 2 gives TP = 1's loss, metrics and update."""
+    reference = run_workers(_parity_worker, 1, initial, 1, 1)[0]
+    expected = run_workers(_read_worker, 1, os.path.join(initial, "after_tp1pp1", "step_00000001"))[0]
+    before = run_workers(_read_worker, 1, os.path.join(initial, "student", "step_00000000"))[0]
+    assert reference["tokens"] == 24 and 0 < reference["trust_fraction"] < 1
+    moved = sum(float(np.abs(expected[k] - before[k]).max()) for k in expected)
+    assert moved > 1e-3, "the step must change the student"
+    for tp, pp in ((2, 1), (2, 2)):
+        ranks = run_workers(_parity_worker, tp * pp, initial, tp, pp)
+        last = ranks[-1]  # last pipeline stage
+        for key in ("loss", "kl_k1", "kl_k3", "trust_fraction", "student_entropy", "teacher_entropy"):
+            np.testing.assert_allclose(last[key], reference[key], rtol=RTOL, atol=ATOL, err_msg=f"TP={tp} PP={pp} {key}")
+        got = run_workers(_read_worker, 1, os.path.join(initial, f"after_tp{tp}pp{pp}", "step_00000001"))[0]
+        for k in expected:
+            np.testing.assert_allclose(got[k] - before[k], expected[k] - before[k], rtol=RTOL, atol=ATOL,
+                                       err_msg=f"TP={tp} PP={pp} update of {k}")
+
+
+def _frozen_worker(rank, world, root):
+    teacher, student = _setup(2, 1, optimizer="adam", lr=1e-2)
+    load_checkpoint(latest_checkpoint(os.path.join(root, "teacher")), teacher)
+    before = {k: v.clone() for k, v in teacher.state_dict().items() if torch.is_tensor(v)}
+    for step in range(STEPS):
+        train_step(student, teacher, microbatches(step), OBJECTIVE, vocab_size=VOCAB, step=step, total_steps=STEPS)
+    optimized = {id(p) for group in student.optimizer.param_groups for p in group["params"]}
+    return dict(
+        unchanged=all(torch.equal(before[k], v) for k, v in teacher.state_dict().items() if torch.is_tensor(v)),
+        no_grads=all(p.grad is None and not p.requires_grad for p in teacher.parameters()),
+        not_optimized=not any(id(p) in optimized for p in teacher.parameters()),
+        eval_mode=not teacher.training,
+    )
+
+
+def test_teacher_stays_frozen(initial):
+    for rank in run_workers(_frozen_worker, 2, initial):
+        assert all(rank.values()), rank
+
+
+def _resume_worker(rank, world, root, run, start, stop, save_at):
+    teacher, student = _setup(2, 1, optimizer="adam", lr=1e-2)
+    load_checkpoint(latest_checkpoint(os.path.join(root, "teacher")), teacher)
+    ckpt = os.path.join(root, run)
+    if start == 0:
+        load_checkpoint(latest_checkpoint(os.path.join(root, "student")), student.model.module)
+    else:
+        meta = load_checkpoint(latest_checkpoint(ckpt), student.model.module, student.optimizer, student.scheduler)
+        assert meta["step"] == start and meta["trainer"]["next_microbatch_seed"] == 100 + start
+    for step in range(start, stop):
+        train_step(student, teacher, microbatches(step), OBJECTIVE, vocab_size=VOCAB, step=step, total_steps=STEPS)
+        if step + 1 == save_at:
+            save_checkpoint(ckpt, step + 1, student.model.module, student.optimizer, student.scheduler,
+                            trainer_state={"next_microbatch_seed": 100 + step + 1})
+    save_checkpoint(os.path.join(root, run + "_final"), stop, student.model.module)
+    return student.optimizer.param_groups[0]["lr"]
+
+
+def test_save_load_step_equals_uninterrupted(initial):
+    lr_straight = run_workers(_resume_worker, 2, initial, "straight", 0, STEPS, None)[0]
+    run_workers(_resume_worker, 2, initial, "resumed", 0, 1, 1)  # stops after saving step 1
+    lr_resumed = run_workers(_resume_worker, 2, initial, "resumed", 1, STEPS, None)[0]
+    assert lr_straight == lr_resumed
+    a = run_workers(_read_worker, 1, os.path.join(initial, "straight_final", f"step_{STEPS:08d}"))[0]
+    b = run_workers(_read_worker, 1, os.path.join(initial, "resumed_final", f"step_{STEPS:08d}"))[0]
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bitwise: CPU, fixed seeds and data
+
+
+def _logits_worker(rank, world, root, tp, save):
+    from megatron.core import parallel_state
+
+    initialize(ParallelConfig(tp, 1), seed=7 if save else 0)
+    model = build_gpt(STUDENT, ParallelConfig(tp, 1))
+    path = os.path.join(root, "tp2_random")
+    if save:
+        save_checkpoint(path, 0, model)
+    else:
+        load_checkpoint(latest_checkpoint(path), model)
+    tokens = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits = model(*MicroBatch(tokens, tokens, torch.ones(2, 8)).model_inputs())
+    parts = [torch.empty_like(logits) for _ in range(tp)]
+    torch.distributed.all_gather(parts, logits, group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, -1)
+
+
+def test_tp2_checkpoint_loads_at_tp1_with_the_same_logits(initial):
+    saved = run_workers(_logits_worker, 2, initial, 2, True)[0]
+    loaded = run_workers(_logits_worker, 1, initial, 1, False)[0]
+    np.testing.assert_allclose(loaded, saved, rtol=1e-5, atol=1e-5)
+
+
+def _killed_save_worker(rank, world, root):
+    from tropd_megatron.megatron import checkpoint
+
+    _, student = _setup(1, 1)
+    path = os.path.join(root, "killed")
+    save_checkpoint(path, 1, student.model.module)
+
+    def die(*args, **kwargs):  # the process dies after writing shards, before the rename
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.os.rename = die
+    save_checkpoint(path, 2, student.model.module)
+
+
+def _after_kill_worker(rank, world, root):
+    initialize(ParallelConfig(1, 1), seed=0)
+    model = build_gpt(STUDENT, ParallelConfig(1, 1))
+    path = os.path.join(root, "killed")
+    meta = load_checkpoint(latest_checkpoint(path), model)
+    save_checkpoint(path, 3, model)  # a later save clears the killed one's leftovers
+    return meta["step"], sorted(os.listdir(path))
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(initial):
+    with pytest.raises(AssertionError, match=r"died \(exit codes \[-9\]\)"):
+        run_workers(_killed_save_worker, 1, initial)
+    assert os.path.isdir(os.path.join(initial, "killed", ".incomplete_step_00000002"))
+    step, entries = run_workers(_after_kill_worker, 1, initial)[0]
+    assert step == 1
+    assert ".incomplete_step_00000002" in entries and "step_00000003" in entries  # stale dir is harmless
+
+
+def test_teacher_student_vocabulary_mismatch_is_refused():
+    other = ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=4, ffn_hidden_size=96, vocab_size=61,
+                        padded_vocab_size=64, max_sequence_length=16)
+    with pytest.raises(ValueError, match=r"teacher vocabulary \(61 tokens\) differs from the student's \(60 tokens\)"):
+        check_vocab(STUDENT, other)
+    check_vocab(STUDENT, TEACHER)
+
+
+def test_layouts_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match="tensor parallel size 3 does not divide num_attention_heads=4"):
+        ParallelConfig(3, 1).check(3, STUDENT)
+    with pytest.raises(ValueError, match="pipeline parallel size 4 does not divide num_layers=2"):
+        ParallelConfig(1, 4).check(4, STUDENT)
