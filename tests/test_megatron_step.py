@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distributed import run_workers
-from tropd_megatron.losses import TrOPDConfig
+from tropd_megatron.losses import DenseKLConfig, TrOPDConfig
 
 pytest.importorskip("megatron.core")
 
@@ -73,12 +73,19 @@ def _init_worker(rank, world, root):
     save_checkpoint(os.path.join(root, "student"), 0, student.model.module)
 
 
-def _parity_worker(rank, world, root, tp, pp):
+def _parity_worker(rank, world, root, tp, pp, dense=False):
+    from megatron.core import parallel_state
+
     teacher, student = _setup(tp, pp)
     load_checkpoint(latest_checkpoint(os.path.join(root, "teacher")), teacher)
     load_checkpoint(latest_checkpoint(os.path.join(root, "student")), student.model.module)
-    result = train_step(student, teacher, microbatches(0), OBJECTIVE, vocab_size=VOCAB, step=0, total_steps=STEPS)
-    save_checkpoint(os.path.join(root, f"after_tp{tp}pp{pp}"), 1, student.model.module)
+    batches = microbatches(0)
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp > 1:  # each data-parallel rank holds its share of the micro-batches
+        batches = batches[parallel_state.get_data_parallel_rank()::dp]
+    objective = DenseKLConfig("reverse") if dense else OBJECTIVE
+    result = train_step(student, teacher, batches, objective, vocab_size=VOCAB, step=0, total_steps=STEPS, dense=dense)
+    save_checkpoint(os.path.join(root, f"after_tp{tp}pp{pp}dp{dp}{'_dense' if dense else ''}"), 1, student.model.module)
     return result.metrics
 
 
@@ -96,23 +103,28 @@ def initial(tmp_path_factory):
     return root
 
 
-def test_tp_and_pp_steps_match_tp1(initial):
-    """One step at TP = 2 and TP = 2 x PP = 2 gives TP = 1's loss, metrics and update."""
-    reference = run_workers(_parity_worker, 1, initial, 1, 1)[0]
-    expected = run_workers(_read_worker, 1, os.path.join(initial, "after_tp1pp1", "step_00000001"))[0]
+@pytest.mark.parametrize("dense", [False, True], ids=["tropd_compact", "dense_kl"])
+def test_tp_pp_dp_steps_match_tp1(initial, dense):
+    """One step at TP = 2, TP = 2 x PP = 2 and DP = 2 gives TP = 1's loss, metrics and
+    parameter update (SGD, so the update is the gradient). Compact teacher signal with TrOPD,
+    and the dense mode (teacher logits handed to the loss) with reverse KL."""
+    suffix = "_dense" if dense else ""
+    reference = run_workers(_parity_worker, 1, initial, 1, 1, dense)[0]
+    expected = run_workers(_read_worker, 1, os.path.join(initial, f"after_tp1pp1dp1{suffix}", "step_00000001"))[0]
     before = run_workers(_read_worker, 1, os.path.join(initial, "student", "step_00000000"))[0]
-    assert reference["tokens"] == 24 and 0 < reference["trust_fraction"] < 1
+    assert reference["tokens"] == 24 and (dense or 0 < reference["trust_fraction"] < 1)
     moved = sum(float(np.abs(expected[k] - before[k]).max()) for k in expected)
     assert moved > 1e-3, "the step must change the student"
-    for tp, pp in ((2, 1), (2, 2)):
-        ranks = run_workers(_parity_worker, tp * pp, initial, tp, pp)
-        last = ranks[-1]  # last pipeline stage
-        for key in ("loss", "kl_k1", "kl_k3", "trust_fraction", "student_entropy", "teacher_entropy"):
-            np.testing.assert_allclose(last[key], reference[key], rtol=RTOL, atol=ATOL, err_msg=f"TP={tp} PP={pp} {key}")
-        got = run_workers(_read_worker, 1, os.path.join(initial, f"after_tp{tp}pp{pp}", "step_00000001"))[0]
+    for tp, pp, dp in ((2, 1, 1), (2, 2, 1), (1, 1, 2)):
+        what = f"TP={tp} PP={pp} DP={dp}{suffix}"
+        ranks = run_workers(_parity_worker, tp * pp * dp, initial, tp, pp, dense)
+        last = ranks[-1]  # a last pipeline stage; metrics are reduced over data-parallel ranks
+        for key in ("loss", "tokens", "kl_k1", "kl_k3", "trust_fraction", "student_entropy", "teacher_entropy"):
+            np.testing.assert_allclose(last[key], reference[key], rtol=RTOL, atol=ATOL, err_msg=f"{what} {key}")
+        got = run_workers(_read_worker, 1, os.path.join(initial, f"after_tp{tp}pp{pp}dp{dp}{suffix}", "step_00000001"))[0]
         for k in expected:
             np.testing.assert_allclose(got[k] - before[k], expected[k] - before[k], rtol=RTOL, atol=ATOL,
-                                       err_msg=f"TP={tp} PP={pp} update of {k}")
+                                       err_msg=f"{what} update of {k}")
 
 
 def _frozen_worker(rank, world, root):
