@@ -53,7 +53,7 @@ def run_case(batch, case, mode, rank, world, group, dtype=torch.float32):
     teacher = shard(batch["teacher"], rank, world).float()
     if mode == "compact":
         teacher = TeacherSignal.from_logits(
-            teacher, batch["target"], topk=max(config.signal_topk, 1), tp_group=group, vocab_size=batch["vocab"]
+            teacher, batch["target"], topk=config.signal_topk, tp_group=group, vocab_size=batch["vocab"]
         )
     loss, n, metrics = distillation_loss(
         x, teacher, batch["target"], batch["mask"], config,

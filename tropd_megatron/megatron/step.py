@@ -131,7 +131,7 @@ def train_step(
     dense: bool = False,
 ) -> StepResult:
     t0 = time.perf_counter()
-    signals = teacher_outputs(teacher, microbatches, topk=max(objective.signal_topk, 1), dense=dense,
+    signals = teacher_outputs(teacher, microbatches, topk=objective.signal_topk, dense=dense,
                               vocab_size=vocab_size)
     t1 = time.perf_counter()
     tp_group = parallel_state.get_tensor_model_parallel_group()
