@@ -12,7 +12,7 @@ setup(
     # on GPU clusters the container's CUDA torch is used as is.
     install_requires=["torch>=2.4"],
     extras_require={
-        "megatron": ["megatron-core>=0.16.1,<0.20", "psutil"],
+        "megatron": ["megatron-core>=0.16.1,<0.20", "psutil", "tqdm"],
         "nemo": ["nemo-run", "leptonai<0.47"],
         "dev": ["pytest>=8", "pytest-timeout"],
     },

@@ -62,21 +62,27 @@ def run_workers(fn, world_size: int, *args, timeout: float = 90.0):
         p.start()
     results, errors = {}, []
     deadline = time.monotonic() + timeout
+    first_error = None
     try:
-        while len(results) < world_size and not errors:
+        while len(results) + len(errors) < world_size:
+            if errors and time.monotonic() > first_error + 5:  # let the other ranks report their cause
+                break
             try:
                 rank, status, payload = queue.get(timeout=0.5)
             except queue_module.Empty:
                 dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
-                if dead:
+                if dead and not errors:
                     errors.append(f"ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})")
+                    first_error = time.monotonic()
                 elif time.monotonic() > deadline:
                     errors.append(f"timed out after {timeout}s waiting for ranks {sorted(set(range(world_size)) - set(results))}")
+                    break
                 continue
             if status == "ok":
                 results[rank] = payload
             else:
                 errors.append(f"rank {rank}:\n{payload}")
+                first_error = time.monotonic()
     finally:
         for p in procs:
             p.join(timeout=5)

@@ -103,7 +103,7 @@ def enable() -> None:
 
     cuda = torch.cuda
     stream = _Stream()
-    cuda.current_device = lambda: 0
+    cuda.current_device = lambda: torch.device("cpu")  # used as device=..., torch.Generator(device=...)
     cuda.synchronize = lambda device=None: None
     cuda.empty_cache = lambda: None
     cuda.current_stream = lambda device=None: stream

@@ -9,6 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
+from ..losses import VocabShard
 from . import cpu
 from .compat import gpt_layer_spec
 from .config import ModelConfig, ParallelConfig
@@ -76,10 +77,28 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, frozen: bool = Fa
     )
     if not cpu.on_cpu():
         gpt.cuda()
+    if gpt.post_process and model.embedding_rows > model.vocab_size:
+        _mask_padded_vocabulary(gpt, model.vocab_size)
     if frozen:
         gpt.eval()
         gpt.requires_grad_(False)
     return gpt
+
+
+def _mask_padded_vocabulary(gpt: GPTModel, vocab_size: int) -> None:
+    """Padded vocabulary rows get -inf logits, in training and in generation alike: the
+    engine's sampling and log-probs then cover the true vocabulary, as the losses do."""
+    shard = VocabShard.of(
+        gpt.output_layer.weight.shape[0] if gpt.output_layer.weight is not None else gpt.shared_embedding_or_output_weight().shape[0],
+        parallel_state.get_tensor_model_parallel_group(), vocab_size,
+    )
+    def hook(module, inputs, output):
+        logits, bias = output
+        # a local shard in training; the full vocabulary when inference gathers the output
+        logits[..., shard.valid if logits.shape[-1] == shard.size else vocab_size :] = float("-inf")
+        return logits, bias
+
+    gpt.output_layer.register_forward_hook(hook)
 
 
 def check_vocab(student: ModelConfig, teacher: ModelConfig) -> None:

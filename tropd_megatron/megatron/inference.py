@@ -1,0 +1,102 @@
+"""Generation from a live Megatron model through Megatron's inference engine."""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .compat import static_inference_engine
+from .config import ModelConfig
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0  # 1.0: off
+    top_k: int = 0  # 0: off; 1: greedy
+    max_new_tokens: int = 256
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"SamplingConfig.temperature={self.temperature}; must be > 0 (use top_k=1 for greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p={self.top_p}; must be in (0, 1]")
+        if self.top_k < 0 or self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig top_k={self.top_k} / max_new_tokens={self.max_new_tokens} out of range")
+
+
+@dataclass
+class Generation:
+    tokens: list  # generated ids, ending with eos when the model stopped
+    logprobs: list  # log p(token) under the sampling model (before temperature / top-k / top-p)
+    stopped: bool  # ended with eos (else: hit max_new_tokens)
+
+
+class _IdTokenizer:
+    """The engine receives token ids; it only needs eod and a detokenize for its text fields."""
+
+    def __init__(self, eos_id: int, vocab_size: int):
+        self.eod, self.bos, self.vocab_size = eos_id, None, vocab_size
+
+    def detokenize(self, ids, **_):
+        return ""
+
+    def tokenize(self, text):
+        raise NotImplementedError("prompts reach the engine as token ids")
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class Generator:
+    """Megatron's static inference engine over ``model`` (a GPTModel, e.g. ``ddp.module``):
+    generation reads the live weights, so a student generates with its current parameters."""
+
+    def __init__(self, model, config: ModelConfig, *, eos_id: int, max_batch_size: int = 8):
+        self.model, self.config, self.eos_id, self.max_batch_size = model, config, eos_id, max_batch_size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the engine's own deprecation notices
+            self.engine, self.controller = static_inference_engine(
+                model, hidden_size=config.hidden_size, params_dtype=config.torch_dtype,
+                padded_vocab_size=config.embedding_rows, max_batch_size=max_batch_size,
+                max_sequence_length=config.max_sequence_length, tokenizer=_IdTokenizer(eos_id, config.vocab_size),
+                seed=1,
+            )
+
+    @torch.no_grad()
+    def generate(self, prompts: list, sampling: SamplingConfig, *, seed: int = 0) -> list:
+        """Continue each prompt (a list of token ids). Sampling is reproducible from ``seed``."""
+        from megatron.core.inference.inference_request import InferenceRequest
+        from megatron.core.inference.sampling_params import SamplingParams
+
+        for i, prompt in enumerate(prompts):
+            if len(prompt) + sampling.max_new_tokens > self.config.max_sequence_length:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={sampling.max_new_tokens} it exceeds "
+                    f"max_sequence_length={self.config.max_sequence_length}"
+                )
+        params = SamplingParams(
+            temperature=sampling.temperature, top_k=sampling.top_k, top_p=0.0 if sampling.top_p >= 1 else sampling.top_p,
+            num_tokens_to_generate=sampling.max_new_tokens, return_log_probs=True, termination_id=self.eos_id,
+        )
+        results = []
+        with eval_mode(self.model):
+            for start in range(0, len(prompts), self.max_batch_size):
+                chunk = prompts[start : start + self.max_batch_size]
+                self.controller.sampling_rng.manual_seed(seed * 1_000_003 + start)
+                requests = [InferenceRequest(request_id=str(start + i), prompt="", prompt_tokens=list(p),
+                                             sampling_params=params) for i, p in enumerate(chunk)]
+                for request in self.engine.generate(inference_requests=requests):
+                    tokens = request.generated_tokens.tolist()[: request.generated_length]
+                    logprobs = list(request.generated_log_probs)[: len(tokens)]
+                    results.append(Generation(tokens, logprobs, bool(tokens) and tokens[-1] == self.eos_id))
+        return results
