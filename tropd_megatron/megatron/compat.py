@@ -22,19 +22,35 @@ def gpt_layer_spec():
     return get_gpt_layer_with_transformer_engine_spec() if HAVE_TE else get_gpt_layer_local_spec()
 
 
-def static_inference_engine(model, *, hidden_size: int, params_dtype, padded_vocab_size: int, max_batch_size: int,
-                            max_sequence_length: int, tokenizer, seed: int):
-    """Megatron's static-batch inference engine over ``model``'s own weights (no copy).
+def inference_engine(model, *, hidden_size: int, params_dtype, padded_vocab_size: int, max_batch_size: int,
+                     max_sequence_length: int, tokenizer, seed: int):
+    """Megatron's inference engine over ``model``'s own weights (no copy): (engine, controller).
 
-    Returns (engine, controller). megatron-core 0.16 builds it from an InferenceWrapperConfig
-    and the legacy static path (the dynamic fallback needs CUDA).
+    megatron-core < 0.19: the static engine on its legacy path (its dynamic fallback needs
+    CUDA), built from an InferenceWrapperConfig; requests carry token ids.
+    megatron-core >= 0.19: InferenceWrapperConfig is gone; the dynamic engine is built from
+    an InferenceConfig and the model's own config. Written from the 0.19.2 source, not yet run
+    (0.19 needs Python 3.12 and this project's CPU stack is 3.11).
     """
-    from megatron.core.inference.engines.static_engine import StaticInferenceEngine
     from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
-    from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
     from megatron.core.inference.text_generation_controllers.text_generation_controller import (
         TextGenerationController,
     )
+
+    if MEGATRON_VERSION >= (0, 19):
+        from megatron.core.inference.config import InferenceConfig
+        from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
+        from megatron.core.inference.engines import DynamicInferenceEngine
+
+        model.config.inference_sampling_seed = seed
+        context = DynamicInferenceContext(model.config, InferenceConfig(
+            max_sequence_length=max_sequence_length, max_requests=max_batch_size,
+            materialize_only_last_token_logits=False))
+        controller = TextGenerationController(GPTInferenceWrapper(model, context), tokenizer)
+        return DynamicInferenceEngine(controller, context), controller
+
+    from megatron.core.inference.engines.static_engine import StaticInferenceEngine
+    from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 
     config = InferenceWrapperConfig(
         hidden_size=hidden_size, params_dtype=params_dtype, inference_batch_times_seqlen_threshold=-1,
@@ -44,3 +60,30 @@ def static_inference_engine(model, *, hidden_size: int, params_dtype, padded_voc
     controller = TextGenerationController(GPTInferenceWrapper(model, config), tokenizer)
     engine = StaticInferenceEngine(controller, max_batch_size=max_batch_size, random_seed=seed, legacy=True)
     return engine, controller
+
+
+def generate_token_ids(engine, prompts: list, sampling_params) -> list:
+    """Run ``engine`` on token-id prompts: [(generated ids, their log-probs)] in prompt order."""
+    if MEGATRON_VERSION >= (0, 19):
+        records = engine.generate(prompts=[list(p) for p in prompts], sampling_params=sampling_params)
+        merged = [record.merge() for record in records]
+        return [(list(r.generated_tokens), list(r.generated_log_probs)) for r in merged]
+    from megatron.core.inference.inference_request import InferenceRequest
+
+    requests = [InferenceRequest(request_id=str(i), prompt="", prompt_tokens=list(p), sampling_params=sampling_params)
+                for i, p in enumerate(prompts)]
+    done = {r.request_id: r for r in engine.generate(inference_requests=requests)}
+    out = []
+    for request in requests:
+        r = done[request.request_id]
+        tokens = r.generated_tokens.tolist()[: r.generated_length]
+        out.append((tokens, list(r.generated_log_probs)[: len(tokens)]))
+    return out
+
+
+def reseed_sampling(controller, seed: int) -> None:
+    """Make the next generate call's sampling reproducible from ``seed``."""
+    rng = getattr(controller, "sampling_rng", None)
+    if rng is None:  # not seen in 0.16; newer versions may hold their generator elsewhere
+        raise NotImplementedError(f"cannot reseed sampling on megatron-core {MEGATRON_VERSION}")
+    rng.manual_seed(seed)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .compat import static_inference_engine
+from .compat import generate_token_ids, inference_engine, reseed_sampling
 from .config import ModelConfig
 
 
@@ -65,7 +65,7 @@ class Generator:
         self.model, self.config, self.eos_id, self.max_batch_size = model, config, eos_id, max_batch_size
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the engine's own deprecation notices
-            self.engine, self.controller = static_inference_engine(
+            self.engine, self.controller = inference_engine(
                 model, hidden_size=config.hidden_size, params_dtype=config.torch_dtype,
                 padded_vocab_size=config.embedding_rows, max_batch_size=max_batch_size,
                 max_sequence_length=config.max_sequence_length, tokenizer=_IdTokenizer(eos_id, config.vocab_size),
@@ -75,7 +75,6 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompts: list, sampling: SamplingConfig, *, seed: int = 0) -> list:
         """Continue each prompt (a list of token ids). Sampling is reproducible from ``seed``."""
-        from megatron.core.inference.inference_request import InferenceRequest
         from megatron.core.inference.sampling_params import SamplingParams
 
         for i, prompt in enumerate(prompts):
@@ -92,11 +91,7 @@ class Generator:
         with eval_mode(self.model):
             for start in range(0, len(prompts), self.max_batch_size):
                 chunk = prompts[start : start + self.max_batch_size]
-                self.controller.sampling_rng.manual_seed(seed * 1_000_003 + start)
-                requests = [InferenceRequest(request_id=str(start + i), prompt="", prompt_tokens=list(p),
-                                             sampling_params=params) for i, p in enumerate(chunk)]
-                for request in self.engine.generate(inference_requests=requests):
-                    tokens = request.generated_tokens.tolist()[: request.generated_length]
-                    logprobs = list(request.generated_log_probs)[: len(tokens)]
+                reseed_sampling(self.controller, seed * 1_000_003 + start)
+                for tokens, logprobs in generate_token_ids(self.engine, chunk, params):
                     results.append(Generation(tokens, logprobs, bool(tokens) and tokens[-1] == self.eos_id))
         return results
