@@ -1,0 +1,151 @@
+"""Prompt data, rollouts with teacher-prefix guidance, micro-batch packing, and a full
+iteration (rollouts -> teacher signal -> training step) at TP = 2 on CPU."""
+import json
+
+import pytest
+import torch
+
+from distributed import run_workers
+from tropd_megatron.data import PromptDataConfig, PromptStream
+
+pytest.importorskip("megatron.core")
+
+from tropd_megatron.losses import TrOPDConfig  # noqa: E402
+from tropd_megatron.megatron import ModelConfig, OptimConfig, ParallelConfig, build_gpt, build_student, initialize  # noqa: E402
+from tropd_megatron.megatron.inference import Generator, SamplingConfig  # noqa: E402
+from tropd_megatron.megatron.iteration import run_iteration  # noqa: E402
+from tropd_megatron.megatron.rollout import Rollout, RolloutConfig, collect_rollouts, to_microbatches  # noqa: E402
+
+EOS = 0
+
+
+def tokenize(text):  # a character tokenizer over a 60-token vocabulary (0 is eos)
+    return [1 + ord(c) % 59 for c in text]
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_prompt_stream_shuffles_reproducibly_and_resumes(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"q": f"prompt {i}", "a": str(i)}) for i in range(7)] + [""])
+    config = PromptDataConfig(path, prompt_field="q", answer_field="a", chat_template="User: {prompt}\nA:", seed=3)
+    a, b = PromptStream(config, tokenize), PromptStream(config, tokenize)
+    first = [p.index for p in a.next_batch(5)]
+    assert first == [p.index for p in b.next_batch(5)]
+    assert a.prompts[0].token_ids == tokenize("User: prompt 0\nA:") and a.prompts[3].answer == "3"
+    state = a.state_dict()
+    rest = [p.index for p in a.next_batch(9)]  # crosses into the next epoch
+    assert sorted(first + rest[:2]) == list(range(7))
+    c = PromptStream(config, tokenize)
+    c.load_state_dict(state)
+    assert [p.index for p in c.next_batch(9)] == rest
+    other = PromptStream(PromptDataConfig(path, prompt_field="q", seed=4), tokenize)
+    assert [p.index for p in other.next_batch(7)] != first + rest[:2]
+
+
+@pytest.mark.parametrize(
+    "lines, match",
+    [
+        (['{"prompt": "ok"}', '{"prompt": "broken"'], r"p.jsonl:2: malformed JSON"),
+        (['{"prompt": "ok"}', '{"question": "x"}'], r"p.jsonl:2: missing field 'prompt'"),
+        (['{"prompt": "   "}'], r"p.jsonl:1: empty prompt"),
+        (['{"prompt": 5}'], r"p.jsonl:1: field 'prompt' must be a string"),
+        (['{"prompt": "far too long a prompt"}'], r"p.jsonl: no usable prompts"),
+    ],
+)
+def test_bad_prompt_files_name_file_and_line(tmp_path, lines, match):
+    path = write_jsonl(tmp_path / "p.jsonl", lines)
+    with pytest.raises(ValueError, match=match):
+        PromptStream(PromptDataConfig(path, max_prompt_tokens=10), tokenize)
+
+
+def test_over_length_prompts_are_reported_and_skipped(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", ['{"prompt": "short"}', '{"prompt": "much much longer"}'])
+    stream = PromptStream(PromptDataConfig(path, max_prompt_tokens=8), tokenize)
+    assert [p.text for p in stream.prompts] == ["short"] and stream.skipped_too_long == 1
+    assert "skipped 1 prompts longer than max_prompt_tokens=8 (lines [2])" in capsys.readouterr().err
+
+
+def test_microbatch_segments_and_masks():
+    rollouts = [Rollout([5, 6, 7], [20, 21], [30, EOS], [-0.5, -0.25], True),
+                Rollout([8, 9], [], [40, 41, 42], [-1.0, -2.0, -3.0], False),
+                Rollout([3, 4], [50, EOS], [], [], True)]
+    mbs = to_microbatches(rollouts, micro_batch_size=2, pad_id=EOS)
+    assert len(mbs) == 2 and all(mb.tokens.shape == (2, 6) for mb in mbs)
+    first, second = mbs
+    assert first.tokens[0].tolist() == [5, 6, 7, 20, 21, 30] and first.labels[0].tolist() == [6, 7, 20, 21, 30, EOS]
+    assert first.loss_mask[0].tolist() == [0, 0, 1, 1, 1, 1]
+    assert first.prefix_mask[0].tolist() == [False, False, True, True, False, False]
+    assert first.rollout_logprobs[0].tolist() == [0, 0, 0, 0, -0.5, -0.25]
+    assert first.tokens[1].tolist() == [8, 9, 40, 41, EOS, EOS] and first.labels[1].tolist() == [9, 40, 41, 42, EOS, EOS]
+    assert first.loss_mask[1].tolist() == [0, 1, 1, 1, 0, 0] and not first.prefix_mask[1].any()
+    assert second.loss_mask[0].tolist() == [0, 1, 1, 0, 0, 0] and second.prefix_mask[0].tolist()[:3] == [False, True, True]
+    assert not second.loss_mask[1].any()  # a padding row
+    assert to_microbatches(rollouts[1:2], 2, EOS)[0].prefix_mask is None  # no prefixes: no prefix mask
+
+
+def test_prefix_schedule_decays_linearly():
+    config = RolloutConfig(SamplingConfig(max_new_tokens=16), prefix_share_start=0.5, prefix_share_end=0.0,
+                           prefix_tokens_start=8, prefix_tokens_end=2)
+    assert config.prefix_schedule(0, 100) == (0.5, 8)
+    assert config.prefix_schedule(50, 100) == (0.25, 5)
+    assert config.prefix_schedule(100, 100) == (0.0, 2)
+    with pytest.raises(ValueError, match="prefix_share_start=1.5"):
+        RolloutConfig(prefix_share_start=1.5)
+
+
+STUDENT = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+                      vocab_size=60, padded_vocab_size=64, max_sequence_length=48)
+TEACHER = ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=4, ffn_hidden_size=96, vocab_size=60,
+                      padded_vocab_size=64, max_sequence_length=48, init_method_std=0.3)
+
+
+def _iteration_worker(rank, world, path):
+    initialize(ParallelConfig(2, 1), seed=0)
+    teacher = build_gpt(TEACHER, ParallelConfig(2, 1), frozen=True)
+    student = build_student(STUDENT, ParallelConfig(2, 1), OptimConfig(lr=1e-2), total_steps=2)
+    student_gen = Generator(student.model.module, STUDENT, eos_id=EOS, max_batch_size=8)
+    teacher_gen = Generator(teacher, TEACHER, eos_id=EOS, max_batch_size=8)
+    prompts = PromptStream(PromptDataConfig(path, max_prompt_tokens=12), tokenize)
+
+    # teacher-prefix rollouts, greedy: the prefix is the teacher's own greedy continuation and
+    # the rest is the student's greedy continuation of prompt + prefix
+    greedy = RolloutConfig(SamplingConfig(top_k=1, max_new_tokens=8), rollouts_per_prompt=2, micro_batch_size=2,
+                           prefix_share_start=0.5, prefix_share_end=0.5, prefix_tokens_start=3, prefix_tokens_end=3)
+    batch = [p.token_ids for p in prompts.prompts[:2]]
+    rollouts = collect_rollouts(student_gen, teacher_gen, batch, greedy, step=0, total_steps=2, seed=1)
+    checks = []
+    for r in rollouts:
+        if r.prefix:
+            expect_prefix = teacher_gen.generate([r.prompt], SamplingConfig(top_k=1, max_new_tokens=3))[0].tokens
+            expect_rest = student_gen.generate([r.prompt + r.prefix], SamplingConfig(top_k=1, max_new_tokens=5))[0].tokens
+            checks.append(r.prefix == expect_prefix and r.continuation == expect_rest)
+    before = [p.detach().clone() for p in student.model.module.parameters()]
+    teacher_before = [p.detach().clone() for p in teacher.parameters()]
+    sampled = RolloutConfig(SamplingConfig(max_new_tokens=8), rollouts_per_prompt=2, micro_batch_size=2,
+                            prefix_share_start=0.5, prefix_share_end=0.0, prefix_tokens_start=3, prefix_tokens_end=1)
+    results = [run_iteration(student, teacher, student_gen, teacher_gen, prompts, sampled, TrOPDConfig(topk=8),
+                             prompts_per_step=2, vocab_size=60, step=s, total_steps=2) for s in range(2)]
+    return dict(
+        prefixed=sum(bool(r.prefix) for r in rollouts), checks=checks,
+        metrics=[r.metrics for r in results], seconds=[r.seconds for r in results],
+        student_changed=any(not torch.equal(a, b) for a, b in zip(before, student.model.module.parameters())),
+        teacher_same=all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters())),
+        train_mode=student.model.module.training, position=prompts.state_dict(),
+    )
+
+
+def test_full_iteration_at_tp2(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"prompt": f"{a}+{b}="}) for a in range(3) for b in range(3)])
+    ranks = run_workers(_iteration_worker, 2, path, timeout=180)
+    for r in ranks:
+        assert r["prefixed"] == 2 and len(r["checks"]) == 2 and all(r["checks"]), r["checks"]
+        assert r["student_changed"] and r["teacher_same"] and r["train_mode"]
+        assert r["position"] == {"epoch": 0, "position": 4}
+        for m, sec in zip(r["metrics"], r["seconds"]):
+            assert m["rollouts"] == 4 and m["response_tokens"] > 0 and m["tokens_per_second"] > 0
+            assert set(sec) == {"rollout", "teacher", "student", "optimizer", "total"}
+        assert r["metrics"][0]["prefix_tokens"] > 0 and r["metrics"][0]["prefixed_fraction"] == 0.5
+    assert ranks[0]["metrics"][1]["loss"] == ranks[1]["metrics"][1]["loss"]

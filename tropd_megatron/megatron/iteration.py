@@ -1,0 +1,63 @@
+"""One training iteration: rollouts -> teacher signal -> training step."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from megatron.core import parallel_state
+
+from ..data import PromptStream
+from ..losses import DenseKLConfig, ObjectiveConfig
+from .inference import Generator
+from .rollout import RolloutConfig, collect_rollouts, to_microbatches
+from .step import StepResult, Student, train_step
+
+
+@dataclass
+class IterationResult:
+    step: StepResult
+    metrics: dict  # the step's metrics plus rollout statistics
+    seconds: dict  # rollout / teacher / student / optimizer / total
+
+
+def run_iteration(student: Student, teacher, student_generator: Generator, teacher_generator: Generator,
+                  prompts: PromptStream, rollout: RolloutConfig, objective: ObjectiveConfig, *, prompts_per_step: int,
+                  vocab_size: int, step: int, total_steps: int, seed: int = 0, log=True) -> IterationResult:
+    """Each data-parallel rank rolls out its share of ``prompts_per_step`` prompts (every rank
+    draws the same batch from the stream, so the stream's position stays in step)."""
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    if prompts_per_step % dp_size:
+        raise ValueError(f"prompts_per_step={prompts_per_step} must be divisible by data-parallel size {dp_size}")
+    batch = prompts.next_batch(prompts_per_step)[dp_rank::dp_size]
+    t0 = time.perf_counter()
+    rollouts = collect_rollouts(student_generator, teacher_generator, [p.token_ids for p in batch], rollout,
+                                step=step, total_steps=total_steps, seed=seed * 7 + dp_rank)
+    t1 = time.perf_counter()
+    microbatches = to_microbatches(rollouts, rollout.micro_batch_size, student_generator.eos_id)
+    if isinstance(objective, DenseKLConfig):
+        for mb in microbatches:
+            mb.rollout_logprobs = None  # no reward term to correct
+    result = train_step(student, teacher, microbatches, objective, vocab_size=vocab_size, step=step,
+                        total_steps=total_steps, dense=isinstance(objective, DenseKLConfig))
+    generated = sum(len(r.prefix) + len(r.continuation) for r in rollouts)
+    seconds = {"rollout": t1 - t0, **result.seconds}
+    seconds["total"] = sum(seconds.values())
+    metrics = dict(result.metrics)
+    metrics.update(
+        rollouts=len(rollouts), response_tokens=generated,
+        response_length=generated / max(len(rollouts), 1),
+        stopped_fraction=sum(r.stopped for r in rollouts) / max(len(rollouts), 1),
+        prefixed_fraction=sum(bool(r.prefix) for r in rollouts) / max(len(rollouts), 1),
+        skipped_long_prompts=prompts.skipped_too_long,
+        tokens_per_second=generated / max(seconds["total"], 1e-9),
+    )
+    printer = (parallel_state.is_pipeline_last_stage() and dp_rank == 0
+               and parallel_state.get_tensor_model_parallel_rank() == 0)
+    if log and printer:
+        print(f"step {step + 1}/{total_steps} loss {metrics['loss']:.4f} trust {metrics['trust_fraction']:.3f} "
+              f"kl_k3 {metrics['kl_k3']:.4f} len {metrics['response_length']:.1f} | rollout {seconds['rollout']:.1f}s "
+              f"teacher {seconds['teacher']:.1f}s train {seconds['student'] + seconds['optimizer']:.1f}s "
+              f"| {metrics['tokens_per_second']:.0f} tok/s", file=sys.stderr, flush=True)
+    return IterationResult(result, metrics, seconds)
