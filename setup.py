@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["tropd_megatron", "tropd_megatron.*"]),
     # torch is not pinned here: on CPU machines `make` installs the local CPU wheel first;
     # on GPU clusters the container's CUDA torch is used as is.
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.4", "sentencepiece"],
     extras_require={
         "megatron": ["megatron-core>=0.16.1,<0.20", "psutil", "tqdm"],
         "nemo": ["nemo-run", "leptonai<0.47"],

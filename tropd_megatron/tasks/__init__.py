@@ -1,0 +1,1 @@
+"""Built-in tasks that the project generates itself (no downloads)."""
