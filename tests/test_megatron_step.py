@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distributed import run_workers
-from tropd_megatron.losses import DenseKLConfig, TrOPDConfig
+from tropd_megatron.losses import DenseKLConfig, SFTConfig, TrOPDConfig
 
 pytest.importorskip("megatron.core")
 
@@ -73,7 +73,7 @@ def _init_worker(rank, world, root):
     save_checkpoint(os.path.join(root, "student"), 0, student.model.module)
 
 
-def _parity_worker(rank, world, root, tp, pp, dense=False):
+def _parity_worker(rank, world, root, tp, pp, mode="tropd"):
     from megatron.core import parallel_state
 
     teacher, student = _setup(tp, pp)
@@ -83,9 +83,10 @@ def _parity_worker(rank, world, root, tp, pp, dense=False):
     dp = parallel_state.get_data_parallel_world_size()
     if dp > 1:  # each data-parallel rank holds its share of the micro-batches
         batches = batches[parallel_state.get_data_parallel_rank()::dp]
-    objective = DenseKLConfig("reverse") if dense else OBJECTIVE
-    result = train_step(student, teacher, batches, objective, vocab_size=VOCAB, step=0, total_steps=STEPS, dense=dense)
-    save_checkpoint(os.path.join(root, f"after_tp{tp}pp{pp}dp{dp}{'_dense' if dense else ''}"), 1, student.model.module)
+    objective = {"tropd": OBJECTIVE, "dense": DenseKLConfig("reverse"), "sft": SFTConfig()}[mode]
+    result = train_step(student, None if mode == "sft" else teacher, batches, objective, vocab_size=VOCAB, step=0,
+                        total_steps=STEPS, dense=mode == "dense")
+    save_checkpoint(os.path.join(root, f"after_tp{tp}pp{pp}dp{dp}_{mode}"), 1, student.model.module)
     return result.metrics
 
 
@@ -103,23 +104,26 @@ def initial(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["tropd_compact", "dense_kl"])
-def test_tp_pp_dp_steps_match_tp1(initial, dense):
+@pytest.mark.parametrize("mode", ["tropd", "dense", "sft"])
+def test_tp_pp_dp_steps_match_tp1(initial, mode):
     """One step at TP = 2, TP = 2 x PP = 2 and DP = 2 gives TP = 1's loss, metrics and
     parameter update (SGD, so the update is the gradient). Compact teacher signal with TrOPD,
-    and the dense mode (teacher logits handed to the loss) with reverse KL."""
-    suffix = "_dense" if dense else ""
-    reference = run_workers(_parity_worker, 1, initial, 1, 1, dense)[0]
+    the dense mode (teacher logits handed to the loss) with reverse KL, and supervised
+    fine-tuning with no teacher."""
+    suffix = "_" + mode
+    reference = run_workers(_parity_worker, 1, initial, 1, 1, mode)[0]
     expected = run_workers(_read_worker, 1, os.path.join(initial, f"after_tp1pp1dp1{suffix}", "step_00000001"))[0]
     before = run_workers(_read_worker, 1, os.path.join(initial, "student", "step_00000000"))[0]
-    assert reference["tokens"] == 24 and (dense or 0 < reference["trust_fraction"] < 1)
+    assert reference["tokens"] == 24 and (mode != "tropd" or 0 < reference["trust_fraction"] < 1)
     moved = sum(float(np.abs(expected[k] - before[k]).max()) for k in expected)
     assert moved > 1e-3, "the step must change the student"
     for tp, pp, dp in ((2, 1, 1), (2, 2, 1), (1, 1, 2)):
         what = f"TP={tp} PP={pp} DP={dp}{suffix}"
-        ranks = run_workers(_parity_worker, tp * pp * dp, initial, tp, pp, dense)
+        ranks = run_workers(_parity_worker, tp * pp * dp, initial, tp, pp, mode)
         last = ranks[-1]  # a last pipeline stage; metrics are reduced over data-parallel ranks
         for key in ("loss", "tokens", "kl_k1", "kl_k3", "trust_fraction", "student_entropy", "teacher_entropy"):
+            if key not in reference:  # supervised fine-tuning logs loss and tokens only
+                continue
             np.testing.assert_allclose(last[key], reference[key], rtol=RTOL, atol=ATOL, err_msg=f"{what} {key}")
         got = run_workers(_read_worker, 1, os.path.join(initial, f"after_tp{tp}pp{pp}dp{dp}{suffix}", "step_00000001"))[0]
         for k in expected:

@@ -10,9 +10,10 @@ from .config import (
     ObjectiveConfig,
     OPDConfig,
     REOPOLDConfig,
+    SFTConfig,
     TrOPDConfig,
 )
-from .distillation import distillation_loss, reduce_metrics
+from .distillation import distillation_loss, reduce_metrics, supervised_loss
 from .estimators import kl_estimators, topk_forward_kl
 from .objectives import prefix_beta, sequence_token_keys, token_uniforms
 from .teacher import TeacherSignal
@@ -32,6 +33,7 @@ __all__ = [
     "OPDConfig",
     "ObjectiveConfig",
     "REOPOLDConfig",
+    "SFTConfig",
     "TeacherSignal",
     "TrOPDConfig",
     "VocabShard",
@@ -46,6 +48,7 @@ __all__ = [
     "prefix_beta",
     "reduce_metrics",
     "sequence_token_keys",
+    "supervised_loss",
     "token_uniforms",
     "topk_forward_kl",
     "vocab_parallel_topk",

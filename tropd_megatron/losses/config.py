@@ -150,4 +150,14 @@ class DenseKLConfig:
         return 0
 
 
-ObjectiveConfig = Union[OPDConfig, EOPDConfig, REOPOLDConfig, TrOPDConfig, DenseKLConfig]
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning: -log p_S(y_t) on the given tokens; no teacher (the built-in
+    task trains its teacher this way)."""
+
+    @property
+    def signal_topk(self) -> int:
+        return 0
+
+
+ObjectiveConfig = Union[OPDConfig, EOPDConfig, REOPOLDConfig, TrOPDConfig, DenseKLConfig, SFTConfig]

@@ -52,6 +52,16 @@ def _teacher_signal(teacher, target_ids, config, tp_group, vocab_size, local_voc
     return teacher, None
 
 
+def _loss_token_ids(target_ids, in_loss, local_vocab, tp_group, vocab_size) -> torch.Tensor:
+    """int64 ids, 0 outside the vocabulary; an out-of-range id at a loss token is an error."""
+    true_vocab = VocabShard.of(local_vocab, tp_group, vocab_size).vocab_size
+    in_range = (target_ids >= 0) & (target_ids < true_vocab)
+    if bool((in_loss & ~in_range).any()):
+        bad = target_ids[in_loss & ~in_range][0].item()
+        raise ValueError(f"target_ids holds id {bad} at a loss token; ids must be in [0, {true_vocab})")
+    return torch.where(in_range, target_ids.long(), 0)
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher: Union[TeacherSignal, torch.Tensor],
@@ -129,12 +139,7 @@ def distillation_loss(
     policy_weight = torch.where(prefix, 0.0, weight)
     prefix_weight = torch.where(prefix, weight, 0.0)
 
-    true_vocab = VocabShard.of(local_vocab, tp_group, vocab_size).vocab_size
-    in_range = (target_ids >= 0) & (target_ids < true_vocab)
-    if bool((in_loss & ~in_range).any()):
-        bad = target_ids[in_loss & ~in_range][0].item()
-        raise ValueError(f"target_ids holds id {bad} at a loss token; ids must be in [0, {true_vocab})")
-    ids = torch.where(in_range, target_ids.long(), 0)
+    ids = _loss_token_ids(target_ids, in_loss, local_vocab, tp_group, vocab_size)
     k = config.signal_topk
     all_ids = torch.cat([ids[..., None], signal.topk_ids[..., :k].long()], dim=-1)
     logprobs, student_entropy = gather_logprobs(
@@ -185,6 +190,30 @@ def distillation_loss(
         "student_entropy": token_sum(student_entropy),
     }
     return loss_sum, (weight != 0).sum().to(torch.int32), metrics
+
+
+def supervised_loss(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    tp_group: ProcessGroup = None,
+    vocab_size: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross entropy on a vocab shard, in ``distillation_loss``'s return convention.
+
+    logits [B, S, V/TP]; target_ids, loss_mask [B, S]. Returns (sum of -log p(y) weighted by
+    loss_mask, int32 token count, {"loss", "tokens", "policy_tokens"} token sums)."""
+    B, S = target_ids.shape
+    _expect("logits", logits, (B, S, logits.shape[-1]), floating=True)
+    _expect("loss_mask", loss_mask, (B, S))
+    weight = loss_mask.detach().float()
+    ids = _loss_token_ids(target_ids, weight != 0, logits.shape[-1], tp_group, vocab_size)
+    logprob, _ = gather_logprobs(logits, ids[..., None], tp_group=tp_group, vocab_size=vocab_size)
+    loss_sum = -(logprob[..., 0] * weight).sum()
+    tokens = weight.sum()
+    return loss_sum, (weight != 0).sum().to(torch.int32), {"loss": loss_sum.detach(), "tokens": tokens,
+                                                          "policy_tokens": tokens}
 
 
 def reduce_metrics(metrics: dict[str, torch.Tensor], group: ProcessGroup = None) -> dict[str, float]:

@@ -20,7 +20,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from ..losses import ObjectiveConfig, TeacherSignal, distillation_loss, reduce_metrics
+from ..losses import ObjectiveConfig, SFTConfig, TeacherSignal, distillation_loss, reduce_metrics, supervised_loss
 from . import cpu
 from .config import ModelConfig, OptimConfig, ParallelConfig
 from .models import build_gpt
@@ -130,9 +130,11 @@ def train_step(
     total_steps: int,
     dense: bool = False,
 ) -> StepResult:
+    """One optimizer step on ``microbatches``. ``teacher`` may be None with SFTConfig."""
+    supervised = isinstance(objective, SFTConfig)
     t0 = time.perf_counter()
-    signals = teacher_outputs(teacher, microbatches, topk=objective.signal_topk, dense=dense,
-                              vocab_size=vocab_size)
+    signals = [None] * len(microbatches) if supervised else teacher_outputs(
+        teacher, microbatches, topk=objective.signal_topk, dense=dense, vocab_size=vocab_size)
     t1 = time.perf_counter()
     tp_group = parallel_state.get_tensor_model_parallel_group()
 
@@ -140,6 +142,8 @@ def train_step(
         mb, signal = next(data_iterator)
 
         def loss_func(logits):
+            if supervised:
+                return supervised_loss(logits, mb.labels, mb.loss_mask, tp_group=tp_group, vocab_size=vocab_size)
             return distillation_loss(
                 logits, signal, mb.labels, mb.loss_mask, objective, prefix_mask=mb.prefix_mask,
                 rollout_logprobs=mb.rollout_logprobs, tp_group=tp_group, vocab_size=vocab_size,
