@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[megatron,dev]"
+	$(PY) -m pip install -q -e ".[megatron,demo,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,10 +24,9 @@ test: install
 bench: install
 	$(VENV)/bin/torchrun --nproc-per-node 2 bench/losses.py $(ARGS)
 
-demo:
-	@echo "make demo arrives with the tiny-task issue (#5): the TrOPD run on CPU is not built yet."
-	@echo "Today: 'make test' runs the sharded-loss suite; 'make bench' runs bench/losses.py."
-	@exit 2
+# TrOPD on the built-in arithmetic task at TP = 2 on CPU; outputs in runs/demo (ARGS="--help").
+demo: install
+	$(VENV)/bin/torchrun --nproc-per-node 2 -m tropd_megatron.demo $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -14,6 +14,7 @@ setup(
     extras_require={
         "megatron": ["megatron-core>=0.16.1,<0.20", "psutil", "tqdm"],
         "nemo": ["nemo-run", "leptonai<0.47"],
+        "demo": ["tensorboard", "matplotlib"],
         "dev": ["pytest>=8", "pytest-timeout"],
     },
 )

@@ -53,6 +53,8 @@ class Student:
 
 
 def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, total_steps: int) -> Student:
+    if optim.warmup_steps and optim.warmup_steps >= total_steps:
+        raise ValueError(f"OptimConfig.warmup_steps={optim.warmup_steps} must be below total_steps={total_steps}")
     gpt = build_gpt(model, parallel)
     config = gpt.config
     ddp = DistributedDataParallel(
