@@ -40,8 +40,8 @@ class DemoConfig:
     out: str = "runs/demo"
     seed: int = 0
     task: ArithmeticConfig = field(default_factory=lambda: ArithmeticConfig(2, 2, max_operand=9, max_multiplier=5))
-    train_problems: int = 4000
-    eval_problems: int = 200
+    train_problems: int = 3000  # of ~4,400 distinct problems with the default task
+    eval_problems: int = 400
     vocab_size: int = 64  # requested; sentencepiece may stop below it
     teacher_layers: int = 4
     teacher_hidden: int = 128
@@ -50,13 +50,13 @@ class DemoConfig:
     sft_batch: int = 64
     sft_lr: float = 3e-3
     teacher_sft_steps: int = 300
-    student_sft_steps: int = 60
-    tropd_steps: int = 40
+    student_sft_steps: int = 150
+    tropd_steps: int = 200
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 4
     tropd_lr: float = 1e-3
     max_new_tokens: int = 40
-    eval_every: int = 10
+    eval_every: int = 25
 
 
 def model_config(layers: int, hidden: int, vocab: int) -> ModelConfig:
@@ -78,13 +78,13 @@ def prepare(cfg: DemoConfig):
     held_out = make_split(cfg.eval_problems, cfg.seed + 1, cfg.task, frozenset(p.question for p in train))
     tok_path = os.path.join(cfg.out, "tokenizer.model")
     prompts_path = os.path.join(cfg.out, "prompts.jsonl")
-    if is_printer() and not os.path.exists(tok_path):
-        SentencePieceTokenizer.train([f"{TEMPLATE.format(prompt=p.question)} {p.solution}" for p in train], tok_path,
-                                     cfg.vocab_size)
+    if is_printer() and not os.path.exists(tok_path):  # the tokenizer, written last, marks a finished prepare
         with open(prompts_path + ".tmp", "w") as f:
             for p in train:
                 f.write(json.dumps({"prompt": p.question, "answer": p.answer}) + "\n")
         os.replace(prompts_path + ".tmp", prompts_path)
+        SentencePieceTokenizer.train([f"{TEMPLATE.format(prompt=p.question)} {p.solution}" for p in train], tok_path,
+                                     cfg.vocab_size)
     dist.barrier()
     return train, held_out, SentencePieceTokenizer(tok_path), prompts_path
 
@@ -114,12 +114,18 @@ def trained_model(name: str, model_cfg: ModelConfig, parallel, train, tok, cfg: 
     path = os.path.join(cfg.out, name)
     optim = OptimConfig(lr=cfg.sft_lr, warmup_steps=min(20, steps // 5), min_lr=1e-4)
     student = build_student(model_cfg, parallel, optim, steps)
-    if latest_checkpoint(path) is not None:
+    wanted = {"model": asdict(model_cfg), "sft_steps": steps, "task": asdict(cfg.task),
+              "train_problems": cfg.train_problems, "seed": cfg.seed}
+    cached = latest_checkpoint(path)
+    if cached is not None:
+        saved = json.loads((cached / "trainer.json").read_text())["trainer"]
+        if saved != wanted:
+            raise SystemExit(f"{path} holds a {name} trained with {saved}, not {wanted}: delete {path} to retrain it")
         say(f"{name}: loaded from {path}")
-        load_checkpoint(latest_checkpoint(path), student.model.module)
+        load_checkpoint(cached, student.model.module)
     else:
         supervised(student, train, tok, cfg, steps, name)
-        save_checkpoint(path, steps, student.model.module)
+        save_checkpoint(path, steps, student.model.module, trainer_state=wanted)
     return student
 
 
