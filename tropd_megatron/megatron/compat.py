@@ -17,9 +17,10 @@ except Exception:  # ImportError, or TE failing to load its CUDA libraries
     HAVE_TE = False
 
 
-def gpt_layer_spec():
+def gpt_layer_spec(qk_layernorm: bool = False):
     """TransformerEngine layers when available, Megatron's local layers otherwise."""
-    return get_gpt_layer_with_transformer_engine_spec() if HAVE_TE else get_gpt_layer_local_spec()
+    spec = get_gpt_layer_with_transformer_engine_spec if HAVE_TE else get_gpt_layer_local_spec
+    return spec(qk_layernorm=qk_layernorm)
 
 
 def inference_engine(model, *, hidden_size: int, params_dtype, padded_vocab_size: int, max_batch_size: int,

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+RECOMPUTE = ("none", "selective", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -19,17 +20,23 @@ class ModelConfig:
     vocab_size: int  # the tokenizer's true size
     max_sequence_length: int
     num_query_groups: int | None = None  # None: multi-head attention
+    kv_channels: int | None = None  # per-head size; None: hidden_size / num_attention_heads
     padded_vocab_size: int | None = None  # embedding rows (>= vocab_size); None: vocab_size
     rotary_base: int = 10000
     normalization: str = "RMSNorm"
     swiglu: bool = True
     untie_embeddings: bool = True
+    qk_layernorm: bool = False  # Qwen3
+    add_qkv_bias: bool = False  # Qwen2 / 2.5
     init_method_std: float = 0.02
     dtype: str = "fp32"
+    recompute: str = "none"  # activation recompute: none | selective | full
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"ModelConfig.dtype={self.dtype!r}; expected one of {tuple(DTYPES)}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"ModelConfig.recompute={self.recompute!r}; expected one of {RECOMPUTE}")
         if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
             raise ValueError(
                 f"ModelConfig.padded_vocab_size={self.padded_vocab_size} is below vocab_size={self.vocab_size}"
@@ -43,6 +50,10 @@ class ModelConfig:
     @property
     def embedding_rows(self) -> int:
         return self.padded_vocab_size or self.vocab_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
     def torch_dtype(self) -> torch.dtype:

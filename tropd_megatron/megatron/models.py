@@ -40,6 +40,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        qk_layernorm=model.qk_layernorm,
+        add_qkv_bias=model.add_qkv_bias,
+        recompute_granularity=None if model.recompute == "none" else model.recompute,
+        recompute_method="uniform" if model.recompute == "full" else None,
+        recompute_num_layers=1 if model.recompute == "full" else None,
         ffn_hidden_size=model.ffn_hidden_size,
         normalization=model.normalization,
         gated_linear_unit=model.swiglu,
@@ -66,7 +72,7 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, frozen: bool = Fa
     parallel.check(dist.get_world_size(), model)
     gpt = GPTModel(
         transformer_config(model, parallel),
-        gpt_layer_spec(),
+        gpt_layer_spec(model.qk_layernorm),
         vocab_size=model.embedding_rows,
         max_sequence_length=model.max_sequence_length,
         position_embedding_type="rope",

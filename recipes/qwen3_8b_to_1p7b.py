@@ -1,0 +1,32 @@
+"""The TrOPD paper's setting: a Qwen3 8B-class teacher -> a Qwen3 1.7B student, 200 steps,
+lr 5e-6, 128 prompts x 4 rollouts, up to 8k generated tokens, top-k 64, teacher-prefix
+guidance decaying over training. One 8-GPU node at TP = 2 (DP = 4). Paths are placeholders."""
+from tropd_megatron.data import PromptDataConfig
+from tropd_megatron.megatron.config import OptimConfig, ParallelConfig
+from tropd_megatron.megatron.inference import SamplingConfig
+from tropd_megatron.megatron.rollout import RolloutConfig
+from tropd_megatron.run_config import (CheckpointConfig, EvalConfig, LoggingConfig, ModelSpec, RunConfig,
+                                       ScheduleConfig)
+
+from .models import qwen3_1p7b, qwen3_8b
+
+QWEN_CHAT = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def qwen3_8b_to_1p7b(root: str = "/checkpoints/tropd") -> RunConfig:
+    return RunConfig(
+        name="qwen3_8b_to_1p7b",
+        tokenizer=f"{root}/qwen3/tokenizer.model",
+        teacher=ModelSpec(qwen3_8b(), checkpoint=f"{root}/qwen3-8b-megatron"),
+        student=ModelSpec(qwen3_1p7b(), checkpoint=f"{root}/qwen3-1.7b-sft-megatron"),
+        data=PromptDataConfig(f"{root}/data/math_prompts.jsonl", chat_template=QWEN_CHAT, max_prompt_tokens=1024),
+        parallel=ParallelConfig(tensor=2),
+        rollout=RolloutConfig(SamplingConfig(max_new_tokens=8192), rollouts_per_prompt=4, micro_batch_size=2,
+                              prefix_share_start=0.5, prefix_tokens_start=256),
+        optim=OptimConfig(lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.01),
+        schedule=ScheduleConfig(steps=200, prompts_per_step=128),
+        checkpoint=CheckpointConfig(dir=f"{root}/runs/qwen3_8b_to_1p7b", save_every=10),
+        logging=LoggingConfig(tensorboard_dir=f"{root}/runs/qwen3_8b_to_1p7b/tensorboard"),
+        eval=EvalConfig(path=None, samples=4, temperature=0.6, max_new_tokens=8192),
+        gpu="H100-80GB",
+    )

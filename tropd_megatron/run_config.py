@@ -1,0 +1,148 @@
+"""The typed configuration of a run: what a recipe returns and the trainer reads.
+
+Each part's defaults live in its own dataclass (models, parallel layout and optimizer in
+``megatron.config``, objectives in ``losses.config``, rollouts, prompt data); this module only
+composes them. Command-line overrides are dotted keys (``schedule.steps=2``) merged by
+OmegaConf onto the typed structure, so a wrong key or type is refused before anything runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from .data import PromptDataConfig
+from .losses import DenseKLConfig, EOPDConfig, OPDConfig, REOPOLDConfig, TrOPDConfig
+from .megatron.config import ModelConfig, OptimConfig, ParallelConfig
+from .megatron.rollout import RolloutConfig
+
+
+@dataclass
+class ModelSpec:
+    model: ModelConfig
+    # a Megatron checkpoint: a run's checkpoint root (its ``latest``) or one ``step_*`` folder.
+    # None: random weights, acceptable only for smoke tests (the trainer says so loudly).
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class ObjectiveChoice:
+    """``name`` selects one objective; every objective keeps its own settings here so that an
+    override such as ``objective.tropd.outlier=clip`` is typed and checked."""
+
+    name: str = "tropd"
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    eopd: EOPDConfig = field(default_factory=EOPDConfig)
+    reopold: REOPOLDConfig = field(default_factory=REOPOLDConfig)
+    tropd: TrOPDConfig = field(default_factory=TrOPDConfig)
+    dense_kl: DenseKLConfig = field(default_factory=DenseKLConfig)
+
+    def __post_init__(self):
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"objective.name={self.name!r}; expected one of {OBJECTIVES}")
+
+    def selected(self):
+        return getattr(self, self.name)
+
+
+OBJECTIVES = ("opd", "eopd", "reopold", "tropd", "dense_kl")
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = 100
+    prompts_per_step: int = 64  # global: split over data-parallel ranks
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.prompts_per_step < 1:
+            raise ValueError(f"schedule.steps={self.steps} and schedule.prompts_per_step={self.prompts_per_step} "
+                             "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/checkpoints"
+    save_every: int = 50  # steps; the last step is always saved
+    resume: bool = True  # continue from ``dir``'s latest checkpoint when there is one
+
+    def __post_init__(self):
+        if self.save_every < 1:
+            raise ValueError(f"checkpoint.save_every={self.save_every}; must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: Optional[str] = None  # None: no TensorBoard events
+    log_every: int = 1  # a progress line every N steps
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during training: avg@n accuracy on a JSONL of problems with
+    reference answers (``evaluation.benchmark``). ``path`` None: no evaluation."""
+
+    path: Optional[str] = None
+    every: int = 0  # steps; 0: before training and after the last step only
+    samples: int = 1  # n of avg@n
+    temperature: float = 1.0  # with samples > 1; one sample is greedy
+    max_problems: int = 0  # 0: all
+    max_new_tokens: int = 256
+
+
+@dataclass
+class RunConfig:
+    name: str
+    tokenizer: str  # a sentencepiece model
+    teacher: ModelSpec
+    student: ModelSpec
+    data: PromptDataConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveChoice = field(default_factory=ObjectiveChoice)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    gpu: str = "H100-80GB"  # what the memory planner checks the layout against
+
+
+def leaf_keys(config, prefix: str = "") -> list[str]:
+    """Every dotted key that an override may set."""
+    keys = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            keys += leaf_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """``config`` with dotted ``key=value`` overrides applied, validated by the dataclasses.
+
+    An unknown key is refused with the valid keys under its deepest known parent listed.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (for example schedule.steps=2)")
+    base = OmegaConf.structured(config)
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e)
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        valid = [k for k in leaf_keys(config) if k.startswith(parent)] or leaf_keys(config)
+        raise ValueError(f"unknown override key {key!r}; valid keys{' under ' + parent[:-1] if parent else ''}: "
+                         + ", ".join(valid)) from None
+    except OmegaConfBaseException as e:
+        raise ValueError(f"override rejected: {e.full_key}: {str(e.msg).splitlines()[0]}") from None
+
+
+def to_yaml(config: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
