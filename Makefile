@@ -26,7 +26,7 @@ bench: install
 
 # TrOPD on the built-in arithmetic task at TP = 2 on CPU; outputs in runs/demo (ARGS="--help").
 demo: install
-	$(VENV)/bin/torchrun --nproc-per-node 2 -m tropd_megatron.demo $(ARGS)
+	$(VENV)/bin/torchrun --nproc-per-node 2 -m launch.demo $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

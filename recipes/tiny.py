@@ -30,8 +30,8 @@ def tiny(root: str = "runs/demo") -> RunConfig:
         objective=ObjectiveChoice("tropd", tropd=TrOPDConfig(topk=16)),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4),
         schedule=ScheduleConfig(steps=200, prompts_per_step=16),
-        checkpoint=CheckpointConfig(dir="runs/tiny/checkpoints", save_every=50),
-        logging=LoggingConfig(tensorboard_dir="runs/tiny/tensorboard", log_every=10),
+        checkpoint=CheckpointConfig(dir=f"{root}/tropd", save_every=50),
+        logging=LoggingConfig(tensorboard_dir=f"{root}/tensorboard", log_every=10),
         eval=EvalConfig(path=f"{root}/held_out.jsonl", every=25, max_new_tokens=40),
         gpu="cpu",
     )

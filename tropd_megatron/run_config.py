@@ -122,6 +122,29 @@ def leaf_keys(config, prefix: str = "") -> list[str]:
     return keys
 
 
+def flatten(config) -> dict:
+    """{dotted key: value} of every leaf."""
+    return {key: _lookup(config, key) for key in leaf_keys(config)}
+
+
+def _lookup(config, key: str):
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+# keys a resumed run may change: where it logs and evaluates, not what it trains
+RESUMABLE_CHANGES = ("name", "logging.", "eval.", "checkpoint.", "gpu")
+
+
+def resume_conflicts(saved: dict, config: RunConfig) -> list[str]:
+    """Keys whose values differ between a checkpoint's run and ``config``, ignoring
+    RESUMABLE_CHANGES: resuming across such a difference would mix two experiments."""
+    now = flatten(config)
+    return [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if not k.startswith(RESUMABLE_CHANGES) and saved.get(k) != now.get(k)]
+
+
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
     """``config`` with dotted ``key=value`` overrides applied, validated by the dataclasses.
 

@@ -92,15 +92,20 @@ def latest_checkpoint(root) -> Optional[Path]:
     return path
 
 
+def checkpoint_metadata(path) -> dict:
+    """A complete checkpoint's metadata (step, world size, trainer state) without loading it."""
+    meta_file = Path(path) / TRAINER_STATE
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
+    return json.loads(meta_file.read_text())
+
+
 def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
     """Load into ``model`` (and optimizer / scheduler when given) at this run's TP / PP
     layout, whatever layout saved it; returns the saved metadata (step, trainer state).
     RNG states are restored only when the world size matches the saving run's."""
     path = Path(path)
-    meta_file = path / TRAINER_STATE
-    if not meta_file.exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
-    meta = json.loads(meta_file.read_text())
+    meta = checkpoint_metadata(path)
     loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path))
     model.load_state_dict(loaded["model"])
     if optimizer is not None:

@@ -50,7 +50,14 @@ def inference_engine(model, *, hidden_size: int, params_dtype, padded_vocab_size
         controller = TextGenerationController(GPTInferenceWrapper(model, context), tokenizer)
         return DynamicInferenceEngine(controller, context), controller
 
+    import functools
+
+    from megatron.core.inference.engines import static_engine
     from megatron.core.inference.engines.static_engine import StaticInferenceEngine
+    from tqdm import tqdm
+
+    # its per-call "static requests" bar would interleave with the run's own progress output
+    static_engine.tqdm = functools.partial(tqdm, disable=True)
     from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 
     config = InferenceWrapperConfig(

@@ -88,7 +88,8 @@ class Generator:
             num_tokens_to_generate=sampling.max_new_tokens, return_log_probs=True, termination_id=self.eos_id,
         )
         results = []
-        with eval_mode(self.model):
+        with eval_mode(self.model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the engine's deprecation notices, on every call
             for start in range(0, len(prompts), self.max_batch_size):
                 chunk = prompts[start : start + self.max_batch_size]
                 reseed_sampling(self.controller, seed * 1_000_003 + start)

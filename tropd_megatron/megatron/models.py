@@ -26,9 +26,16 @@ def initialize(parallel: ParallelConfig, seed: int = 0) -> None:
     cpu.enable()
     if not cpu.on_cpu():
         torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline
-    )
+    if parallel_state.model_parallel_is_initialized():  # a second run in the same job (make compare)
+        current = (parallel_state.get_tensor_model_parallel_world_size(),
+                   parallel_state.get_pipeline_model_parallel_world_size())
+        if current != (parallel.tensor, parallel.pipeline):
+            raise ValueError(f"model parallelism is already initialised as (tensor, pipeline) = {current}, "
+                             f"not {(parallel.tensor, parallel.pipeline)}")
+    else:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline
+        )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 

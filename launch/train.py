@@ -1,0 +1,48 @@
+"""Run a recipe: the torchrun entry point (also what sbatch and NeMo-Run launch).
+
+    torchrun --nproc-per-node 2 -m launch.train --recipe tiny schedule.steps=2 objective.name=opd
+    python -m launch.train --recipe llama3_70b_to_8b --print-config
+
+Overrides are dotted ``key=value`` pairs on the recipe's RunConfig. Exit codes: 0 finished,
+75 preempted with a checkpoint written (run again to resume), anything else failed.
+"""
+import argparse
+import sys
+
+from recipes import RECIPES, get_recipe
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help=f"one of: {', '.join(sorted(RECIPES))}")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        config = get_recipe(args.recipe, args.overrides)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    return args, config
+
+
+def main(argv=None) -> None:
+    args, config = parse(argv)
+    if args.print_config:
+        from tropd_megatron.run_config import to_yaml
+
+        print(to_yaml(config))
+        return
+    from tropd_megatron.train import train
+
+    try:
+        train(config)
+    except (ValueError, FileNotFoundError) as e:  # bad configuration or input: the message says what
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

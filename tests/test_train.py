@@ -1,0 +1,94 @@
+"""The training entry point (`launch.train`) on the tiny recipe: a short run leaves its
+checkpoint, evaluation results, TensorBoard events and configuration; a signal mid-run
+writes a checkpoint and exits 75; the next launch resumes from it and finishes; a resume
+with other settings and bad overrides are refused with the key named."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from distributed import free_port
+from tiny_files import make_tiny_files
+
+pytest.importorskip("megatron.core")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(args, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "launch.train", "--recipe", "tiny", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=ENV, **kw)
+
+
+def single_process(args):
+    """One rank (parallel.tensor=1) without torchrun: its exit code is the trainer's own."""
+    env = {**ENV, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    return subprocess.Popen([sys.executable, "-m", "launch.train", "--recipe", "tiny", "parallel.tensor=1", *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.timeout(300)
+def test_two_steps_at_tp2_leave_checkpoint_eval_and_logs(tmp_path):
+    overrides = make_tiny_files(tmp_path)
+    out = torchrun([*overrides, "schedule.steps=2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "run" / "latest").read_text() == "step_00000002"
+    assert "step 2/2 loss" in out.stderr and "eval at step 2: avg@1" in out.stderr
+    for step in (0, 2):
+        lines = (tmp_path / "run" / "eval" / f"step_{step:08d}.jsonl").read_text().splitlines()
+        assert len(lines) == 8  # every held-out problem, gathered (both TP ranks generate them; rank 0 writes)
+    assert "objective:\n  name: tropd" in (tmp_path / "run" / "config.yaml").read_text()
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tensorboard"))
+    # the same directory with another objective: refused, naming the differing key, nothing written
+    again = torchrun([*overrides, "schedule.steps=2", "objective.name=opd"])
+    assert again.returncode != 0 and "objective.name: checkpoint 'tropd', now 'opd'" in again.stderr
+    assert (tmp_path / "run" / "latest").read_text() == "step_00000002"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_checkpoints_exits_75_and_the_next_launch_resumes(tmp_path, signum):
+    overrides = make_tiny_files(tmp_path) + ["schedule.steps=40", "checkpoint.save_every=1000", "eval.path=null"]
+    proc = single_process(overrides)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 2/40"):
+            proc.send_signal(signum)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    log = "".join(seen) + rest
+    assert proc.returncode == 75, log[-3000:]
+    saved = (tmp_path / "run" / "latest").read_text()
+    step = int(saved.split("_")[1])
+    assert 2 <= step < 40 and f"checkpoint at step {step} written" in log
+    resumed = single_process(overrides)
+    out, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"at step {step}" in out and f"step {step + 1}/40" in out and "step 1/40" not in out
+    assert (tmp_path / "run" / "latest").read_text() == "step_00000040"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("override, message", [
+    ("schedule.stepz=2", "unknown override key 'schedule.stepz'; valid keys under schedule: schedule.steps"),
+    ("objective.tropd.outlier=bogus", "TrOPDConfig.outlier='bogus'"),
+    ("schedule.steps=two", "schedule.steps"),
+    ("steps", "is not key=value"),
+])
+def test_bad_overrides_are_refused_before_anything_runs(override, message):
+    out = subprocess.run([sys.executable, "-m", "launch.train", "--recipe", "tiny", override, "--print-config"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, env=ENV)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    out = subprocess.run([sys.executable, "-m", "launch.train", "--recipe", "nope", "--print-config"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, env=ENV)
+    assert out.returncode == 2 and "unknown recipe 'nope'; available: llama3_70b_to_8b, qwen3_8b_to_1p7b, tiny" \
+        in out.stderr

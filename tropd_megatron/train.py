@@ -1,0 +1,217 @@
+"""The training loop of a run: one RunConfig in, a trained student checkpoint out.
+
+    torchrun --nproc-per-node 2 -m launch.train --recipe tiny schedule.steps=2
+
+Builds the frozen teacher and the student (from their checkpoints), resumes from the run's
+latest checkpoint when there is one (weights, optimizer, LR schedule, data position, RNG,
+evaluation history), then repeats rollouts -> teacher signal -> training step, with periodic
+held-out evaluation, checkpoints, TensorBoard scalars and a progress line. SIGTERM or SIGUSR1
+(Slurm preemption) finishes the current step, writes a checkpoint and exits with
+``PREEMPTED_EXIT`` so that a launcher can requeue the job.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from .data import PromptStream
+from .evaluation.benchmark import evaluate, load_problems
+from .megatron import build_gpt, build_student, check_vocab, cpu, initialize
+from .megatron.checkpoint import checkpoint_metadata, latest_checkpoint, load_checkpoint, save_checkpoint
+from .megatron.inference import Generator
+from .megatron.iteration import run_iteration
+from .run_config import RunConfig, flatten, resume_conflicts, to_yaml
+from .tokenizer import SentencePieceTokenizer
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; run again to resume
+SCALARS = ("loss", "trust_fraction", "kl_k3", "response_length", "stopped_fraction", "prefixed_fraction",
+           "tokens_per_second", "lr", "grad_norm")
+
+
+class Preempted(SystemExit):
+    def __init__(self):
+        super().__init__(PREEMPTED_EXIT)
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGUSR1; ranks agree on it after each step (a signal may reach only some)."""
+
+    def __init__(self):
+        self.raised = None
+        self._previous = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def _handler(self, signum, frame):
+        self.raised = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1 if self.raised else 0], device="cpu" if cpu.on_cpu() else "cuda")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def is_logger() -> bool:
+    """The rank holding reduced metrics: last pipeline stage, first TP and DP rank."""
+    return (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0)
+
+
+def log(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _model_weights(path: str | None, what: str):
+    """A checkpoint folder for ``ModelSpec.checkpoint``: a run's root (its latest) or a step folder."""
+    if path is None:
+        log(f"WARNING: {what}.checkpoint is null: {what} has RANDOM weights (acceptable for smoke tests only)")
+        return None
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{what}.checkpoint={path}: no such directory")
+    return latest_checkpoint(root) or root
+
+
+def _check_tokenizer(cfg: RunConfig, tokenizer: SentencePieceTokenizer) -> None:
+    for what in ("teacher", "student"):
+        model = getattr(cfg, what).model
+        if model.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"tokenizer={cfg.tokenizer} has {tokenizer.vocab_size} tokens but "
+                             f"{what}.model.vocab_size={model.vocab_size}")
+
+
+class Trainer:
+    """Everything a run holds; ``run()`` trains to ``schedule.steps``."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        initialize(cfg.parallel, seed=cfg.schedule.seed)
+        check_vocab(cfg.student.model, cfg.teacher.model)
+        self.tokenizer = SentencePieceTokenizer(cfg.tokenizer)
+        _check_tokenizer(cfg, self.tokenizer)
+        self.teacher = build_gpt(cfg.teacher.model, cfg.parallel, frozen=True)
+        weights = _model_weights(cfg.teacher.checkpoint, "teacher")
+        if weights is not None:
+            load_checkpoint(weights, self.teacher)
+        self.student = build_student(cfg.student.model, cfg.parallel, cfg.optim, cfg.schedule.steps)
+        self.prompts = PromptStream(cfg.data, self.tokenizer.encode)
+        self.step, self.history = 0, {"eval": []}
+        resume = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
+        if resume is not None:
+            meta = checkpoint_metadata(resume)
+            conflicts = resume_conflicts(meta["trainer"].get("config", {}), cfg)
+            if conflicts:
+                raise ValueError(f"{resume} was written by a run with other settings; use another checkpoint.dir "
+                                 "(or delete it) to start afresh:\n  " + "\n  ".join(conflicts))
+            meta = load_checkpoint(resume, self.student.model.module, self.student.optimizer, self.student.scheduler)
+            self.step = meta["step"]
+            self.prompts.load_state_dict(meta["trainer"]["data"])
+            self.history = meta["trainer"]["history"]
+            log(f"resumed from {resume} at step {self.step}")
+        else:
+            weights = _model_weights(cfg.student.checkpoint, "student")
+            if weights is not None:
+                load_checkpoint(weights, self.student.model.module)
+        if dist.get_rank() == 0:  # after the resume check: a refused run leaves the folder as it was
+            os.makedirs(cfg.checkpoint.dir, exist_ok=True)
+            with open(os.path.join(cfg.checkpoint.dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+            print(f"run {cfg.name}: {dist.get_world_size()} processes, configuration in "
+                  f"{cfg.checkpoint.dir}/config.yaml", file=sys.stderr, flush=True)
+        batch = max(cfg.rollout.micro_batch_size, cfg.schedule.prompts_per_step * cfg.rollout.rollouts_per_prompt
+                    // parallel_state.get_data_parallel_world_size())
+        eos = self.tokenizer.eos_id
+        self.student_generator = Generator(self.student.model.module, cfg.student.model, eos_id=eos, max_batch_size=batch)
+        self.teacher_generator = Generator(self.teacher, cfg.teacher.model, eos_id=eos, max_batch_size=batch)
+        self.eval_problems = None
+        if cfg.eval.path:
+            self.eval_problems = load_problems(replace(cfg.data, path=cfg.eval.path), self.tokenizer.encode,
+                                               cfg.eval.max_problems)
+        self.writer = None
+        if cfg.logging.tensorboard_dir and is_logger():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
+
+    def evaluate(self) -> dict:
+        e = self.cfg.eval
+        results = os.path.join(self.cfg.checkpoint.dir, "eval", f"step_{self.step:08d}.jsonl")
+        result = evaluate(self.student_generator, self.eval_problems, self.tokenizer.decode, samples=e.samples,
+                          temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=self.cfg.schedule.seed,
+                          results_path=results).as_dict()
+        result["step"] = self.step
+        self.history["eval"].append(result)
+        if self.writer is not None:
+            self.writer.add_scalar(f"eval/avg@{e.samples}", result["avg_at_n"], self.step)
+        log(f"eval at step {self.step}: avg@{e.samples} {result['avg_at_n']:.3f} pass@{e.samples} "
+            f"{result['pass_at_n']:.3f} on {result['problems']} problems ({results})")
+        return result
+
+    def save(self) -> None:
+        save_checkpoint(self.cfg.checkpoint.dir, self.step, self.student.model.module, self.student.optimizer,
+                        self.student.scheduler, trainer_state={"data": self.prompts.state_dict(), "history": self.history,
+                                       "config": flatten(self.cfg)})
+
+    def _record(self, metrics: dict, seconds: dict) -> None:
+        if not is_logger():
+            return
+        if self.writer is not None:
+            for key in SCALARS:
+                if metrics.get(key) is not None:
+                    self.writer.add_scalar(f"train/{key}", metrics[key], self.step)
+            for key, value in seconds.items():
+                self.writer.add_scalar(f"time/{key}", value, self.step)
+        if self.step % self.cfg.logging.log_every == 0 or self.step == self.cfg.schedule.steps:
+            print(f"step {self.step}/{self.cfg.schedule.steps} loss {metrics['loss']:.4f} "
+                  f"trust {metrics.get('trust_fraction', float('nan')):.3f} len {metrics['response_length']:.1f} "
+                  f"lr {metrics['lr']:.2e} | rollout {seconds['rollout']:.1f}s teacher {seconds['teacher']:.1f}s "
+                  f"train {seconds['student'] + seconds['optimizer']:.1f}s | {metrics['tokens_per_second']:.0f} tok/s",
+                  file=sys.stderr, flush=True)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        stop = _StopFlag()
+        started = time.time()
+        try:
+            if self.eval_problems and self.step == 0:
+                self.evaluate()
+            while self.step < cfg.schedule.steps:
+                result = run_iteration(
+                    self.student, self.teacher, self.student_generator, self.teacher_generator, self.prompts,
+                    cfg.rollout, cfg.objective.selected(), prompts_per_step=cfg.schedule.prompts_per_step,
+                    vocab_size=self.tokenizer.vocab_size, step=self.step, total_steps=cfg.schedule.steps,
+                    seed=cfg.schedule.seed, log=False)
+                self.step += 1
+                metrics = dict(result.metrics, lr=result.step.lr, grad_norm=result.step.grad_norm)
+                self._record(metrics, result.seconds)
+                last = self.step == cfg.schedule.steps
+                if self.eval_problems and (last or (cfg.eval.every and self.step % cfg.eval.every == 0)):
+                    self.evaluate()
+                preempted = stop.agreed()
+                if last or preempted or self.step % cfg.checkpoint.save_every == 0:
+                    self.save()
+                if preempted and not last:
+                    log(f"{stop.raised or 'a signal on another rank'}: checkpoint at step {self.step} written; "
+                        f"exiting with {PREEMPTED_EXIT} (run again to resume)")
+                    raise Preempted()
+        finally:
+            stop.restore()
+            if self.writer is not None:
+                self.writer.close()
+        log(f"done: {self.step} steps in {time.time() - started:.0f} s; checkpoints in {cfg.checkpoint.dir}")
+        return {"steps": self.step, "history": self.history}
+
+
+def train(cfg: RunConfig) -> dict:
+    return Trainer(cfg).run()
