@@ -1,20 +1,23 @@
 """`make demo`: TrOPD on the built-in arithmetic task, on CPU at TP = 2 under torchrun.
 
-    torchrun --nproc-per-node 2 -m launch.demo [key=value ...]   (overrides of the tiny recipe)
+    torchrun --nproc-per-node 2 -m launch.demo [--root runs/demo] [key=value ...]
 
 Phases: task files and a sentencepiece tokenizer -> a 4-layer teacher trained by supervised
 fine-tuning -> a 2-layer student fine-tuned briefly (both cached under runs/demo) -> the tiny
 recipe's TrOPD run (held-out avg@1 before, during and after; checkpoints in runs/demo/tropd,
 resumed when interrupted) -> a summary table, runs/demo/summary.json and runs/demo/demo.png.
 """
+import argparse
 import json
 import os
-import sys
 import time
 
 import torch.distributed as dist
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from launch.train import parse
+from recipes.tiny import tiny
+from tropd_megatron.run_config import apply_overrides, leaf_keys
 from tropd_megatron.evaluation.benchmark import evaluate
 from tropd_megatron.megatron import initialize
 from tropd_megatron.tasks.tiny import TinyTaskConfig, prepare
@@ -50,11 +53,28 @@ def plot(cfg, path: str) -> None:
     plt.close(fig)
 
 
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="runs/demo", help="where the task files, models and run go")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="tiny recipe overrides (schedule.steps=50) or task.* preparation settings "
+                             f"({', '.join('task.' + k for k in leaf_keys(TinyTaskConfig()))})")
+    args = parser.parse_args(argv)
+    task = [o[len("task."):] for o in args.overrides if o.startswith("task.")]
+    try:
+        cfg = apply_overrides(tiny(args.root), [o for o in args.overrides if not o.startswith("task.")])
+        task_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TinyTaskConfig()),
+                                                       OmegaConf.from_dotlist(task)))
+    except (ValueError, OmegaConfBaseException) as e:
+        parser.exit(2, f"error: {e}\n")
+    return cfg, task_cfg
+
+
 def main(argv=None) -> dict:
-    _, cfg = parse(["--recipe", "tiny", *(sys.argv[1:] if argv is None else argv)])
+    cfg, task_cfg = parse(argv)
     start = time.time()
     initialize(cfg.parallel, seed=cfg.schedule.seed)
-    prepare(cfg, TinyTaskConfig())
+    prepare(cfg, task_cfg)
     trainer = Trainer(cfg)
     teacher = evaluate(trainer.teacher_generator, trainer.eval_problems, trainer.tokenizer.decode,
                        max_new_tokens=cfg.eval.max_new_tokens, progress=False)
