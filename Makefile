@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 export OMP_NUM_THREADS := 1
 
-.PHONY: test demo bench install clean
+.PHONY: test demo compare bench install clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ bench: install
 # TrOPD on the built-in arithmetic task at TP = 2 on CPU; outputs in runs/demo (ARGS="--help").
 demo: install
 	$(VENV)/bin/torchrun --nproc-per-node 2 -m launch.demo $(ARGS)
+
+# OPD, EOPD, REOPOLD and TrOPD variants on the tiny task, same seeds and budget: docs/compare.md.
+compare: install
+	$(VENV)/bin/torchrun --nproc-per-node 2 -m launch.compare $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,112 @@
+"""`make compare`: OPD, EOPD, REOPOLD and TrOPD (each outlier strategy) on the tiny task,
+same seeds and budget, in one torchrun job at TP = 2 on CPU.
+
+    torchrun --nproc-per-node 2 -m launch.compare [--seeds 0 1] [--out docs/compare] [key=value ...]
+
+Uses the demo's prepared task and models (prepared here when missing). Each run is a
+Trainer on the tiny recipe with its own checkpoint folder under ROOT/compare, so an
+interrupted comparison resumes where it stopped and a finished run is not repeated.
+Writes OUT.md (a table of held-out avg@1 before and after, per seed, mean and spread) and
+OUT.png (accuracy over steps, mean over seeds).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch.distributed as dist
+
+from recipes.tiny import tiny
+from tropd_megatron.megatron import initialize
+from tropd_megatron.run_config import apply_overrides
+from tropd_megatron.tasks.tiny import TinyTaskConfig, prepare
+from tropd_megatron.train import Trainer
+
+VARIANTS = {
+    "OPD": ["objective.name=opd"],
+    "EOPD": ["objective.name=eopd"],
+    "REOPOLD": ["objective.name=reopold"],
+    "TrOPD clip": ["objective.name=tropd", "objective.tropd.outlier=clip"],
+    "TrOPD mask": ["objective.name=tropd", "objective.tropd.outlier=mask"],
+    "TrOPD fkl": ["objective.name=tropd", "objective.tropd.outlier=fkl"],
+}
+
+
+def run_one(root: str, name: str, seed: int, overrides: list) -> dict:
+    folder = os.path.join(root, "compare", f"{name.lower().replace(' ', '_')}_seed{seed}")
+    cfg = apply_overrides(tiny(root), [*VARIANTS[name], f"schedule.seed={seed}", f"data.seed={seed}",
+                                       f"objective.tropd.seed={seed}", f"checkpoint.dir={folder}",
+                                       f"logging.tensorboard_dir={folder}/tensorboard", "logging.log_every=50",
+                                       *overrides])
+    start = time.time()
+    history = Trainer(cfg).run()["history"]["eval"]
+    return {"variant": name, "seed": seed, "steps": cfg.schedule.steps, "seconds": time.time() - start,
+            "curve": [(e["step"], e["avg_at_n"]) for e in history]}
+
+
+def spread(values: list) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def report(results: list, out: str, command: str) -> None:
+    seeds = sorted({r["seed"] for r in results})
+    lines = [f"Held-out avg@1 (greedy) on the tiny task's held-out problems; command: `{command}`.", "",
+             "| objective | before | " + " | ".join(f"after, seed {s}" for s in seeds) + " | after, mean ± sd |",
+             "|---|---:|" + "---:|" * (len(seeds) + 1)]
+    for name in dict.fromkeys(r["variant"] for r in results):
+        runs = [r for r in results if r["variant"] == name]
+        after = {r["seed"]: r["curve"][-1][1] for r in runs}
+        lines.append(f"| {name} | {spread([r['curve'][0][1] for r in runs])} | "
+                     + " | ".join(f"{after[s]:.3f}" for s in seeds) + f" | {spread(list(after.values()))} |")
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(out + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name in dict.fromkeys(r["variant"] for r in results):
+        curves = [r["curve"] for r in results if r["variant"] == name]
+        steps = [s for s, _ in curves[0]]
+        ax.plot(steps, [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))], marker="o", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"held-out avg@1 (mean of {len(seeds)} seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=100)
+    plt.close(fig)
+    print("\n".join(lines), flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="runs/demo", help="the demo's task files and models")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    parser.add_argument("--out", default="docs/compare", help="writes OUT.md, OUT.json, OUT.png")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="tiny recipe overrides for every run")
+    args = parser.parse_args(argv)
+    base = apply_overrides(tiny(args.root), args.overrides)
+    initialize(base.parallel, seed=0)
+    prepare(base, TinyTaskConfig())
+    results = []
+    for seed in args.seeds:
+        for name in args.variants:
+            if dist.get_rank() == 0:
+                print(f"== {name}, seed {seed}", file=sys.stderr, flush=True)
+            results.append(run_one(args.root, name, seed, args.overrides))
+    if dist.get_rank() == 0:
+        command = "make compare" + (f' ARGS="{" ".join(argv if argv is not None else sys.argv[1:])}"'
+                                    if (argv if argv is not None else sys.argv[1:]) else "")
+        report(results, args.out, command)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
