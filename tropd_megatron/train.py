@@ -11,6 +11,7 @@ held-out evaluation, checkpoints, TensorBoard scalars and a progress line. SIGTE
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -166,6 +167,10 @@ class Trainer:
     def _record(self, metrics: dict, seconds: dict) -> None:
         if not is_logger():
             return
+        # every step's metrics at full precision; after a resume the steps past the last
+        # checkpoint appear again: the last line for a step is the one that counts
+        with open(os.path.join(self.cfg.checkpoint.dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": self.step, **metrics, "seconds": seconds}) + "\n")
         if self.writer is not None:
             for key in SCALARS:
                 if metrics.get(key) is not None:
@@ -193,7 +198,8 @@ class Trainer:
                     vocab_size=self.tokenizer.vocab_size, step=self.step, total_steps=cfg.schedule.steps,
                     seed=cfg.schedule.seed, log=False)
                 self.step += 1
-                metrics = dict(result.metrics, lr=result.step.lr, grad_norm=result.step.grad_norm)
+                metrics = dict(result.metrics, lr=result.step.lr, grad_norm=result.step.grad_norm,
+                               skipped_update=result.step.skipped)
                 self._record(metrics, result.seconds)
                 last = self.step == cfg.schedule.steps
                 if self.eval_problems and (last or (cfg.eval.every and self.step % cfg.eval.every == 0)):
