@@ -92,3 +92,13 @@ def test_unknown_recipe_lists_the_known_ones():
                          cwd=ROOT, capture_output=True, text=True, timeout=60, env=ENV)
     assert out.returncode == 2 and "unknown recipe 'nope'; available: llama3_70b_to_8b, qwen3_8b_to_1p7b, tiny" \
         in out.stderr
+
+
+@pytest.mark.timeout(120)
+def test_missing_files_exit_2_naming_them(tmp_path):
+    overrides = make_tiny_files(tmp_path)
+    for bad, message in (("tokenizer=/nonexistent/tok.model", "tokenizer /nonexistent/tok.model: no such file"),
+                         ("teacher.checkpoint=/nonexistent/ckpt", "teacher.checkpoint=/nonexistent/ckpt: no such")):
+        proc = single_process([*overrides, bad])
+        out, _ = proc.communicate(timeout=100)
+        assert proc.returncode == 2 and message in out, out[-2000:]

@@ -15,6 +15,8 @@ class SentencePieceTokenizer:
 
     def __init__(self, model_file):
         self.path = str(model_file)
+        if not Path(self.path).is_file():
+            raise FileNotFoundError(f"tokenizer {self.path}: no such file")
         self.sp = spm.SentencePieceProcessor(model_file=self.path)
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id, self.pad_id = self.sp.eos_id(), self.sp.pad_id()
