@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[megatron,demo,dev]"
+	$(PY) -m pip install -q -e ".[megatron,demo,nemo,dev]"
 	touch $@
 
 install: $(VENV)/.installed
