@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 export OMP_NUM_THREADS := 1
 
-.PHONY: test demo compare bench install clean
+.PHONY: test test-mcore019 demo compare bench install clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +32,18 @@ demo: install
 compare: install
 	$(VENV)/bin/torchrun --nproc-per-node 2 -m launch.compare $(ARGS)
 
+# Optional, not in CI: the Megatron tests on megatron-core 0.19 (Python 3.12). No CPU torch wheel
+# for 3.12 is reachable here, so this pulls PyPI's CUDA torch build (~5 GB venv; it runs on CPU).
+PYTHON312 ?= python3.12
+VENV019 := .venv019
+$(VENV019)/.installed: setup.py
+	$(PYTHON312) -m venv $(VENV019)
+	$(VENV019)/bin/pip install -q $(TORCH) "megatron-core==0.19.2"
+	$(VENV019)/bin/pip install -q -e ".[megatron,demo,dev]"
+	touch $@
+
+test-mcore019: $(VENV019)/.installed
+	$(VENV019)/bin/python -m pytest -q tests/test_megatron_step.py tests/test_generation.py tests/test_rollout.py tests/test_evaluation.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV019) build *.egg-info .pytest_cache

@@ -27,60 +27,65 @@ def inference_engine(model, *, hidden_size: int, params_dtype, padded_vocab_size
                      max_sequence_length: int, tokenizer, seed: int):
     """Megatron's inference engine over ``model``'s own weights (no copy): (engine, controller).
 
-    megatron-core < 0.19: the static engine on its legacy path (its dynamic fallback needs
-    CUDA), built from an InferenceWrapperConfig; requests carry token ids.
-    megatron-core >= 0.19: InferenceWrapperConfig is gone; the dynamic engine is built from
-    an InferenceConfig and the model's own config. Written from the 0.19.2 source, not yet run
-    (0.19 needs Python 3.12 and this project's CPU stack is 3.11).
+    Every version uses the static engine on its legacy path (its dynamic fallback needs CUDA),
+    so generation is the same code, and the same log-probs, on 0.16 and 0.19. Only its
+    construction differs: < 0.19 builds the KV-cache context from an InferenceWrapperConfig;
+    0.19 dropped that class and takes a StaticInferenceContext, reading hidden size, dtype and
+    vocabulary from the model itself (run on CPU with 0.19.2 / Python 3.12).
     """
-    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
-    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
-        TextGenerationController,
-    )
-
-    if MEGATRON_VERSION >= (0, 19):
-        from megatron.core.inference.config import InferenceConfig
-        from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
-        from megatron.core.inference.engines import DynamicInferenceEngine
-
-        model.config.inference_sampling_seed = seed
-        context = DynamicInferenceContext(model.config, InferenceConfig(
-            max_sequence_length=max_sequence_length, max_requests=max_batch_size,
-            materialize_only_last_token_logits=False))
-        controller = TextGenerationController(GPTInferenceWrapper(model, context), tokenizer)
-        return DynamicInferenceEngine(controller, context), controller
-
     import functools
 
     from megatron.core.inference.engines import static_engine
     from megatron.core.inference.engines.static_engine import StaticInferenceEngine
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+        TextGenerationController,
+    )
     from tqdm import tqdm
 
     # its per-call "static requests" bar would interleave with the run's own progress output
     static_engine.tqdm = functools.partial(tqdm, disable=True)
-    from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
+    if MEGATRON_VERSION >= (0, 19):
+        # Not DynamicInferenceEngine: its attention asserts flash-attn >= 2.7.3 / FA3 / FA4 and
+        # runs their varlen KV-cache kernels (transformer/attention.py:1328, :1574), so it cannot
+        # run or be tested on CPU. The legacy static engine is still shipped (deprecated only).
+        from megatron.core.inference.contexts import StaticInferenceContext
 
-    config = InferenceWrapperConfig(
-        hidden_size=hidden_size, params_dtype=params_dtype, inference_batch_times_seqlen_threshold=-1,
-        padded_vocab_size=padded_vocab_size, inference_max_requests=max_batch_size,
-        inference_max_seq_length=max_sequence_length,
-    )
-    controller = TextGenerationController(GPTInferenceWrapper(model, config), tokenizer)
+        model.config.inference_sampling_seed = seed  # seeds the controller's sampling_rng
+        wrapped = GPTInferenceWrapper(model, StaticInferenceContext(max_batch_size, max_sequence_length))
+    else:
+        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
+
+        wrapped = GPTInferenceWrapper(model, InferenceWrapperConfig(
+            hidden_size=hidden_size, params_dtype=params_dtype, inference_batch_times_seqlen_threshold=-1,
+            padded_vocab_size=padded_vocab_size, inference_max_requests=max_batch_size,
+            inference_max_seq_length=max_sequence_length,
+        ))
+    controller = TextGenerationController(wrapped, tokenizer)
     engine = StaticInferenceEngine(controller, max_batch_size=max_batch_size, random_seed=seed, legacy=True)
+    if MEGATRON_VERSION >= (0, 19):
+        # 0.19's engine constructor sets the process-wide InferenceMode flag and the static engine
+        # never clears it; while set, GPTModel asserts that every forward gathers TP logits, so
+        # the training forward of the same model fails. Set it only around generation instead.
+        from megatron.core.inference.utils import InferenceMode
+
+        InferenceMode.unset_active()
     return engine, controller
 
 
 def generate_token_ids(engine, prompts: list, sampling_params) -> list:
     """Run ``engine`` on token-id prompts: [(generated ids, their log-probs)] in prompt order."""
-    if MEGATRON_VERSION >= (0, 19):
-        records = engine.generate(prompts=[list(p) for p in prompts], sampling_params=sampling_params)
-        merged = [record.merge() for record in records]
-        return [(list(r.generated_tokens), list(r.generated_log_probs)) for r in merged]
     from megatron.core.inference.inference_request import InferenceRequest
 
     requests = [InferenceRequest(request_id=str(i), prompt="", prompt_tokens=list(p), sampling_params=sampling_params)
                 for i, p in enumerate(prompts)]
-    done = {r.request_id: r for r in engine.generate(inference_requests=requests)}
+    if MEGATRON_VERSION >= (0, 19):  # see inference_engine: the flag is on only while generating
+        from megatron.core.inference.utils import InferenceMode
+
+        with InferenceMode.active():
+            done = {r.request_id: r for r in engine.generate(inference_requests=requests)}
+    else:
+        done = {r.request_id: r for r in engine.generate(inference_requests=requests)}
     out = []
     for request in requests:
         r = done[request.request_id]
