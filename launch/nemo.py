@@ -61,8 +61,9 @@ def check_memory(config, gpus: int) -> None:
     """Refuse a GPU layout that cannot fit before queueing it (raise ValueError); CPU recipes skip it."""
     if config.gpu == "cpu":
         return
-    # TODO(wire): the memory planner's single call site, once launch/plan.py exists:
-    # from launch.plan import check_fits; check_fits(config, gpus)
+    from launch.plan import check_fits
+
+    check_fits(config, gpus)
 
 
 def train_script(args: argparse.Namespace):

@@ -7,6 +7,7 @@ Overrides are dotted ``key=value`` pairs on the recipe's RunConfig. Exit codes: 
 75 preempted with a checkpoint written (run again to resume), anything else failed.
 """
 import argparse
+import os
 import sys
 
 from recipes import RECIPES, get_recipe
@@ -35,6 +36,10 @@ def main(argv=None) -> None:
     from tropd_megatron.train import train
 
     try:
+        if config.gpu != "cpu":  # refuse a layout that cannot fit before loading 100 GB of weights
+            from launch.plan import check_fits
+
+            check_fits(config, int(os.environ.get("WORLD_SIZE", 1)))
         train(config)
     except (ValueError, FileNotFoundError) as e:  # bad configuration or input: the message says what
         import torch.distributed as dist

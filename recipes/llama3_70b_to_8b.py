@@ -6,6 +6,8 @@ shards the student's fp32 state over it. Paper-like schedule: 200 steps, lr 5e-6
 128 prompts x 4 rollouts a step. Paths are placeholders for the cluster's files (override
 them, e.g. ``data.path=/lustre/prompts.jsonl``).
 """
+from dataclasses import replace
+
 from tropd_megatron.data import PromptDataConfig
 from tropd_megatron.megatron.config import OptimConfig, ParallelConfig
 from tropd_megatron.megatron.inference import SamplingConfig
@@ -24,10 +26,11 @@ def llama3_70b_to_8b(root: str = "/checkpoints/tropd") -> RunConfig:
         name="llama3_70b_to_8b",
         tokenizer=f"{root}/llama3/tokenizer.model",
         teacher=ModelSpec(llama3_70b(), checkpoint=f"{root}/llama3-70b-instruct-megatron"),
-        student=ModelSpec(llama3_8b(), checkpoint=f"{root}/llama3-8b-sft-megatron"),
+        student=ModelSpec(replace(llama3_8b(), recompute="selective"), checkpoint=f"{root}/llama3-8b-sft-megatron"),
         data=PromptDataConfig(f"{root}/data/prompts.jsonl", chat_template=LLAMA3_CHAT, max_prompt_tokens=1024),
         parallel=ParallelConfig(tensor=8),
         rollout=RolloutConfig(SamplingConfig(max_new_tokens=7168), rollouts_per_prompt=4, micro_batch_size=1,
+                              generation_batch_size=16,
                               prefix_share_start=0.5, prefix_tokens_start=256),
         optim=OptimConfig(lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.01),
         schedule=ScheduleConfig(steps=200, prompts_per_step=128),

@@ -1,6 +1,8 @@
 """The TrOPD paper's setting: a Qwen3 8B-class teacher -> a Qwen3 1.7B student, 200 steps,
 lr 5e-6, 128 prompts x 4 rollouts, up to 8k generated tokens, top-k 64, teacher-prefix
 guidance decaying over training. One 8-GPU node at TP = 2 (DP = 4). Paths are placeholders."""
+from dataclasses import replace
+
 from tropd_megatron.data import PromptDataConfig
 from tropd_megatron.megatron.config import OptimConfig, ParallelConfig
 from tropd_megatron.megatron.inference import SamplingConfig
@@ -18,10 +20,11 @@ def qwen3_8b_to_1p7b(root: str = "/checkpoints/tropd") -> RunConfig:
         name="qwen3_8b_to_1p7b",
         tokenizer=f"{root}/qwen3/tokenizer.model",
         teacher=ModelSpec(qwen3_8b(), checkpoint=f"{root}/qwen3-8b-megatron"),
-        student=ModelSpec(qwen3_1p7b(), checkpoint=f"{root}/qwen3-1.7b-sft-megatron"),
+        student=ModelSpec(replace(qwen3_1p7b(), recompute="selective"), checkpoint=f"{root}/qwen3-1.7b-sft-megatron"),
         data=PromptDataConfig(f"{root}/data/math_prompts.jsonl", chat_template=QWEN_CHAT, max_prompt_tokens=1024),
         parallel=ParallelConfig(tensor=2),
-        rollout=RolloutConfig(SamplingConfig(max_new_tokens=8192), rollouts_per_prompt=4, micro_batch_size=2,
+        rollout=RolloutConfig(SamplingConfig(max_new_tokens=8192), rollouts_per_prompt=4, micro_batch_size=1,
+                              generation_batch_size=16,
                               prefix_share_start=0.5, prefix_tokens_start=256),
         optim=OptimConfig(lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.01),
         schedule=ScheduleConfig(steps=200, prompts_per_step=128),

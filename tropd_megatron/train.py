@@ -130,8 +130,7 @@ class Trainer:
                 f.write(to_yaml(cfg))
             print(f"run {cfg.name}: {dist.get_world_size()} processes, configuration in "
                   f"{cfg.checkpoint.dir}/config.yaml", file=sys.stderr, flush=True)
-        batch = max(cfg.rollout.micro_batch_size, cfg.schedule.prompts_per_step * cfg.rollout.rollouts_per_prompt
-                    // parallel_state.get_data_parallel_world_size())
+        batch = cfg.rollout.generation_batch_size
         eos = self.tokenizer.eos_id
         self.student_generator = Generator(self.student.model.module, cfg.student.model, eos_id=eos, max_batch_size=batch)
         self.teacher_generator = Generator(self.teacher, cfg.teacher.model, eos_id=eos, max_batch_size=batch)

@@ -20,6 +20,9 @@ class RolloutConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rollouts_per_prompt: int = 4
     micro_batch_size: int = 4
+    # sequences generated at once: each generator's KV cache holds this many sequences of
+    # max_sequence_length for the whole run, so it bounds rollout memory (launch.plan counts it)
+    generation_batch_size: int = 64
     prefix_share_start: float = 0.0  # share of rollouts that start with a teacher prefix
     prefix_share_end: float = 0.0
     prefix_tokens_start: int = 0  # L, the teacher prefix length
@@ -32,8 +35,8 @@ class RolloutConfig:
         for name in ("prefix_tokens_start", "prefix_tokens_end"):
             if not 0 <= getattr(self, name) < self.sampling.max_new_tokens:
                 raise ValueError(f"RolloutConfig.{name}={getattr(self, name)}; must be in [0, max_new_tokens)")
-        if self.rollouts_per_prompt < 1 or self.micro_batch_size < 1:
-            raise ValueError("RolloutConfig.rollouts_per_prompt and micro_batch_size must be >= 1")
+        if min(self.rollouts_per_prompt, self.micro_batch_size, self.generation_batch_size) < 1:
+            raise ValueError("RolloutConfig.rollouts_per_prompt, micro_batch_size and generation_batch_size must be >= 1")
 
     def prefix_schedule(self, step: int, total_steps: int) -> tuple[float, int]:
         """(share, L) at ``step``: linear from the start values to the end values."""

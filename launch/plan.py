@@ -1,0 +1,44 @@
+"""Print a recipe's per-GPU memory plan; exit 1 when it does not fit its GPU.
+
+    python -m launch.plan --recipe llama3_70b_to_8b --gpus 64 student.model.recompute=selective
+    python -m launch.plan --recipe qwen3_8b_to_1p7b --gpus 8 gpu=H200-141GB
+
+``--gpus`` is the world size (default tensor x pipeline: data parallel 1); the recipe's ``gpu``
+names the device (override it like any key). Exit codes: 0 fits, 1 does not fit, 2 bad recipe,
+override or layout. The numbers are estimates (see ``tropd_megatron.planner``).
+"""
+import argparse
+import sys
+
+from recipes import RECIPES, get_recipe
+from tropd_megatron.planner import GIB, plan
+
+
+def check_fits(config, gpus: int) -> None:
+    """Raise ValueError with the plan's table when ``config`` does not fit ``gpus`` x its GPU
+    (also for a layout that cannot run); return silently when it fits."""
+    memory = plan(config, gpus)
+    if not memory.fits:
+        raise ValueError(f"the per-GPU memory plan does not fit:\n{memory.format()}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help=f"one of: {', '.join(sorted(RECIPES))}")
+    parser.add_argument("--gpus", type=int, help="world size (default tensor x pipeline)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        memory = plan(get_recipe(args.recipe, args.overrides), args.gpus)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    print(memory.format())
+    if not memory.fits:
+        print(f"error: {memory.name} does not fit {memory.gpu}: {memory.total / GIB:.2f} GiB per GPU planned, "
+              f"{memory.capacity / GIB:.2f} GiB available", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The memory planner: exact parameter counts against the published models, sharding
+arithmetic, recompute ordering, fits / does not fit, and the ``launch.plan`` command."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from launch.plan import check_fits, main
+from recipes import get_recipe
+from recipes.models import QWEN3_VOCAB, llama3_8b, llama3_70b, qwen3_1p7b, qwen3_8b
+from tropd_megatron.planner import GIB, GPU_MEMORY, activation_bytes, parameter_count, plan, stage_parameters
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# Published sizes: the safetensors parameter totals of meta-llama/Meta-Llama-3-{8B,70B} and
+# Qwen/Qwen3-8B on Hugging Face (8.03B, 70.6B, 8.19B), which the shapes in recipes/models.py
+# (each model's config.json; vocab 128256 / 151936) reproduce exactly. For example Llama-3 8B:
+# 2 x 128256 x 4096 (embedding + untied output) + 32 x (4096 x (4096 + 2 x 1024) + 4096^2
+# + 3 x 14336 x 4096 + 2 x 4096) + 4096 = 8,030,261,248.
+@pytest.mark.parametrize("model, published", [
+    (llama3_70b(), 70_553_706_496),
+    (llama3_8b(), 8_030_261_248),
+    (qwen3_8b(), 8_190_735_360),
+])
+def test_parameter_count_matches_published_sizes(model, published):
+    assert parameter_count(model) == published
+    assert stage_parameters(model, 1, 1) == published  # one GPU holds everything
+
+
+def test_tied_qwen3_1p7b_counts_its_embedding_once():
+    # Qwen3-1.7B's model card: 1.7B parameters, 1.4B without embedding, tied embeddings.
+    # Hugging Face lists 2,031,739,904 because its checkpoint also stores lm_head.weight, the
+    # same 151936 x 2048 matrix; Megatron builds it once (share_embeddings_and_output_weights).
+    model = qwen3_1p7b()
+    embedding = QWEN3_VOCAB * 2048
+    assert parameter_count(model) == 1_720_574_976
+    assert parameter_count(model) + embedding == 2_031_739_904
+    assert round((parameter_count(model) - embedding) / 1e9, 1) == 1.4
+    assert parameter_count(dataclasses.replace(model, untie_embeddings=True)) == 2_031_739_904
+
+
+def test_tensor_parallel_halves_weights_and_pipeline_splits_layers():
+    model = llama3_8b()
+    norms = (2 * 32 + 1) * 4096  # two per layer and the final one: replicated, not halved
+    assert stage_parameters(model, 2, 1) == (parameter_count(model) - norms) / 2 + norms
+    # two stages: half the layers each, the embedding on the first, the output layer on the last
+    assert stage_parameters(model, 1, 2) == pytest.approx(parameter_count(model) / 2, rel=1e-5)
+    # tied embeddings: the last stage keeps its own copy of the embedding as output layer
+    tied = qwen3_1p7b()
+    assert stage_parameters(tied, 1, 2) == pytest.approx((parameter_count(tied) + QWEN3_VOCAB * 2048) / 2, rel=1e-5)
+
+
+def items(config, gpus):
+    memory = plan(config, gpus)
+    return {name.split(" (")[0]: value for name, value in memory.items.items()}
+
+
+def test_tensor_parallel_halves_every_model_shard():
+    tp1 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=1"]), 4)
+    tp2 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=2"]), 8)  # the same data parallel 4
+    for name in ("student weights", "student gradients", "student optimizer", "teacher weights", "student logits",
+                 "student KV cache", "teacher KV cache"):
+        assert tp2[name] == pytest.approx(tp1[name] / 2, rel=1e-4), name
+
+
+def test_data_parallel_shards_the_optimizer_and_the_rollout_batch_only():
+    dp1 = items(get_recipe("qwen3_8b_to_1p7b"), 2)
+    dp2 = items(get_recipe("qwen3_8b_to_1p7b"), 4)
+    assert dp2["student optimizer"] == dp1["student optimizer"] / 2
+    # fewer rollouts per rank: fewer micro-batches of teacher signal; the KV caches are sized by
+    # rollout.generation_batch_size, not by the rollouts
+    assert dp2["teacher signal"] == dp1["teacher signal"] / 2
+    for name in ("student weights", "student gradients", "teacher weights", "student activations",
+                 "student logits", "student KV cache", "teacher KV cache", "CUDA context, NCCL, workspaces"):
+        assert dp2[name] == dp1[name], name
+
+
+def test_optimizer_bytes_per_parameter():
+    bf16 = plan(get_recipe("qwen3_8b_to_1p7b"), 2)  # data parallel 1
+    params = stage_parameters(qwen3_1p7b(), 2, 1)
+    assert bf16.items["student optimizer (adam, 1/1 shard)"] == 12 * params  # fp32 main params + m + v
+    fp32 = plan(get_recipe("qwen3_8b_to_1p7b", ["student.model.dtype=fp32"]), 2)
+    assert fp32.items["student optimizer (adam, 1/1 shard)"] == 8 * params  # no separate main params
+
+
+def test_recompute_orders_activations():
+    sizes = {r: activation_bytes(dataclasses.replace(llama3_8b(), recompute=r), sequence=8192, micro_batch=1,
+                                 tensor=8, pipeline=1, microbatches=4) for r in ("none", "selective", "full")}
+    assert sizes["full"] < sizes["selective"] < sizes["none"]
+    sbh = 8192 * 4096
+    assert sizes["selective"] == 32 * sbh * (10 + 24 / 8) * 1  # bf16: the paper's constants as bytes
+
+
+def test_teacher_kv_cache_only_with_prefix_guidance():
+    guided = plan(get_recipe("qwen3_8b_to_1p7b"), 8)
+    unguided = plan(get_recipe("qwen3_8b_to_1p7b", ["rollout.prefix_share_start=0"]), 8)
+    assert any(k.startswith("teacher KV cache") for k in guided.items)
+    assert not any(k.startswith("teacher KV cache") for k in unguided.items)
+    assert guided.total > unguided.total
+
+
+def test_llama3_70b_recipe_layouts():
+    # the recipe as written (selective recompute, 16-sequence generation batches) fits 2 and 4 nodes
+    for gpus in (16, 32):
+        memory = plan(get_recipe("llama3_70b_to_8b"), gpus)
+        assert memory.fits and 40 * GIB < memory.total < 60 * GIB
+        check_fits(get_recipe("llama3_70b_to_8b"), gpus)
+    tp1 = plan(get_recipe("llama3_70b_to_8b", ["parallel.tensor=1"]), 16)
+    assert not tp1.fits
+    assert tp1.items["teacher weights (bf16)"] > GPU_MEMORY["H100-80GB"]  # 141 GB of teacher alone
+    # without recompute the s x s attention scores alone overflow; a 256-sequence KV cache too
+    for overrides in (["student.model.recompute=none", "rollout.micro_batch_size=4"],
+                      ["rollout.generation_batch_size=256"]):
+        assert not plan(get_recipe("llama3_70b_to_8b", overrides), 16).fits, overrides
+        with pytest.raises(ValueError, match="does not fit"):
+            check_fits(get_recipe("llama3_70b_to_8b", overrides), 16)
+
+
+def test_cpu_has_no_limit_and_no_sharded_optimizer():
+    memory = plan(get_recipe("tiny"))
+    assert memory.capacity is None and memory.fits and memory.gpus == 2 and memory.data_parallel == 1
+    assert "CUDA context, NCCL, workspaces" not in memory.items
+    assert "no limit" in memory.format()
+
+
+@pytest.mark.parametrize("overrides, gpus, message", [
+    (["gpu=V100"], None, "unknown gpu 'V100'; known: H100-80GB, H200-141GB, A100-80GB, A100-40GB, cpu"),
+    ([], 12, "world size 12 is not divisible by tensor x pipeline = 8"),
+    (["schedule.prompts_per_step=6"], 32, "prompts_per_step=6 is not divisible by data parallel 4"),
+])
+def test_impossible_layouts_are_refused(overrides, gpus, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan(get_recipe("llama3_70b_to_8b", overrides), gpus)
+
+
+def test_format_shows_layout_counts_and_verdict():
+    text = plan(get_recipe("llama3_70b_to_8b", ["rollout.generation_batch_size=256"]), 16).format()
+    assert "16 x H100-80GB: tensor 8 x pipeline 1 x data 2" in text
+    assert "teacher 70.55B parameters, student 8.03B" in text
+    assert "teacher KV cache (256 seqs)" in text and "does not fit:" in text
+
+
+def test_main_exit_codes(capsys):
+    assert main(["--recipe", "llama3_70b_to_8b", "--gpus", "32"]) == 0
+    assert "fits:" in capsys.readouterr().out
+    assert main(["--recipe", "llama3_70b_to_8b", "--gpus", "16", "rollout.generation_batch_size=256"]) == 1
+    assert "does not fit H100-80GB" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--recipe", "llama3_70b_to_8b", "--gpus", "12"])
+    assert e.value.code == 2
+
+
+def test_cli_subprocess():
+    # both commands at once: each spends most of its time importing megatron.core
+    commands = [["--gpus", "32"], ["--gpus", "16", "parallel.tensor=1"]]
+    procs = [subprocess.Popen([sys.executable, "-m", "launch.plan", "--recipe", "llama3_70b_to_8b", *args], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in commands]
+    (fit_out, _), (_, tp1_err) = (p.communicate(timeout=120) for p in procs)
+    assert [p.returncode for p in procs] == [0, 1]
+    assert "fits:" in fit_out
+    assert "error: llama3_70b_to_8b does not fit H100-80GB" in tp1_err

@@ -1,0 +1,272 @@
+"""Per-GPU memory plan of a run: will the co-located teacher and student fit the named GPU?
+
+Pure arithmetic on a RunConfig (no torch, no Megatron): bytes per GPU for each thing a rank
+holds at its peak, the student's backward pass, when everything below is alive at once.
+
+- student weights: model dtype; gradients: fp32 (the DDP buffer reduces in fp32); optimizer:
+  Megatron's distributed optimizer, fp32 main params + state sharded over data parallel.
+- teacher weights: model dtype, no gradients, no optimizer.
+- student activations for one micro-batch of (max_prompt_tokens + max_new_tokens) tokens
+  (Korthikanti et al. 2022, see ``activation_bytes``), its logits, and the teacher signal of
+  every micro-batch of the step (``train_step`` computes them all before the student pass).
+- KV caches: Megatron's static inference context allocates [max_sequence_length, max batch]
+  per layer on first use and keeps it for the generator's lifetime, so the caches stay
+  allocated while training. The trainer's generators take the whole rollout batch of a rank
+  as their max batch.
+- a fixed CUDA context / NCCL / allocator allowance on GPUs.
+
+The teacher's no-grad pass and generation peak lower (one layer's working set and one
+logits shard) and are not added. With pipeline parallelism the sums are for the heaviest
+stage's weights plus first-stage activations plus last-stage logits, an upper bound.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # annotations only: the planner itself needs neither torch nor Megatron
+    from .megatron.config import ModelConfig
+    from .run_config import RunConfig
+
+GIB = 2**30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+# Usable memory per GPU in bytes: the marketing size in decimal GB. An H100 80GB shows
+# 81,559 MiB (79.6 GiB) in nvidia-smi, so 80e9 bytes (74.5 GiB) leaves ~5 GiB for allocator
+# fragmentation on top of CONTEXT_BYTES. "cpu" has no limit.
+GPU_MEMORY: dict[str, Optional[int]] = {
+    "H100-80GB": 80 * 10**9,
+    "H200-141GB": 141 * 10**9,
+    "A100-80GB": 80 * 10**9,
+    "A100-40GB": 40 * 10**9,
+    "cpu": None,
+}
+# CUDA context, NCCL communicator buffers, cuBLAS / TransformerEngine workspaces per GPU
+CONTEXT_BYTES = 3 * GIB
+# bytes per parameter the optimizer keeps beyond the model's own weights and gradients:
+# Adam's m and v, SGD's momentum (Megatron's SGD uses momentum), all fp32
+OPTIMIZER_STATE_BYTES = {"adam": 8, "sgd": 4}
+# TeacherSignal per token: token_logprobs, entropy, logsumexp (fp32) and valid (bool);
+# per top-k entry: an int32 id and an fp32 log-prob
+SIGNAL_TOKEN_BYTES = 3 * 4 + 1
+SIGNAL_TOPK_BYTES = 4 + 4
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _norm_parameters(model: ModelConfig, size: int) -> int:
+    """Weights of one normalisation over ``size`` features: RMSNorm a scale, LayerNorm also a bias."""
+    return size * (2 if model.normalization == "LayerNorm" else 1)
+
+
+def _layer_linear_parameters(model: ModelConfig) -> int:
+    """The tensor-parallel (sharded) weights of one decoder layer: QKV (+ bias), output
+    projection, MLP. QKV rows = (heads + 2 x query groups) x head_dim; the MLP has 2 x ffn
+    input rows with SwiGLU (gate and up), else ffn; its output projection ffn x hidden."""
+    groups = model.num_query_groups or model.num_attention_heads
+    query = model.num_attention_heads * model.head_dim
+    qkv_rows = query + 2 * groups * model.head_dim
+    qkv = qkv_rows * model.hidden_size + (qkv_rows if model.add_qkv_bias else 0)
+    mlp = (3 if model.swiglu else 2) * model.ffn_hidden_size * model.hidden_size
+    return qkv + query * model.hidden_size + mlp
+
+
+def _layer_norm_parameters(model: ModelConfig) -> int:
+    """The replicated weights of one decoder layer: the two pre-norms, plus Qwen3's q/k norms
+    (one head_dim scale each)."""
+    qk = 2 * _norm_parameters(model, model.head_dim) if model.qk_layernorm else 0
+    return 2 * _norm_parameters(model, model.hidden_size) + qk
+
+
+def parameter_count(model: ModelConfig) -> int:
+    """Exact parameter count of the GPTModel Megatron builds from ``model``: embedding
+    (embedding_rows x hidden), the layers, the final norm, and an output layer of the
+    embedding's size unless the embeddings are tied."""
+    embedding = model.embedding_rows * model.hidden_size
+    output = embedding if model.untie_embeddings else 0
+    layers = model.num_layers * (_layer_linear_parameters(model) + _layer_norm_parameters(model))
+    return embedding + layers + _norm_parameters(model, model.hidden_size) + output
+
+
+def stage_parameters(model: ModelConfig, tensor: int, pipeline: int) -> int:
+    """Parameters on one GPU of the heaviest pipeline stage: linear layers and the vocabulary
+    split over ``tensor``, norms replicated. The first stage holds the embedding, the last the
+    final norm and output layer (with tied embeddings and pipeline > 1 the last stage keeps
+    its own copy of the embedding as output layer, as Megatron does)."""
+    layers = model.num_layers // pipeline * (
+        _layer_linear_parameters(model) // tensor + _layer_norm_parameters(model))
+    vocab = model.embedding_rows // tensor * model.hidden_size
+    head = _norm_parameters(model, model.hidden_size) + (vocab if model.untie_embeddings or pipeline > 1 else 0)
+    if pipeline == 1:
+        return vocab + layers + head
+    return max(vocab + layers, layers + head)
+
+
+def optimizer_bytes_per_parameter(dtype: str, optimizer: str) -> int:
+    """fp32 optimizer bytes per parameter before data-parallel sharding: Adam's m and v
+    (8), or SGD's momentum (4), plus 4 for fp32 main params when the model is not fp32
+    (Adam with bf16 weights: 12)."""
+    return OPTIMIZER_STATE_BYTES[optimizer] + (0 if dtype == "fp32" else 4)
+
+
+def activation_bytes(model: ModelConfig, *, sequence: int, micro_batch: int, tensor: int, pipeline: int,
+                     microbatches: int) -> int:
+    """Activations the first pipeline stage stores for the backward pass, in bytes.
+
+    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+    Models", Table 2, tensor parallel without sequence parallelism (the trainer does not
+    enable it, so the 10sbh of norm inputs, residuals and masks stays replicated), per layer
+    with s = sequence, b = micro_batch, h = hidden, a = heads, t = tensor:
+
+    - recompute none:      s*b*h*(10 + 24/t + 5*a*s/(h*t))   (includes the s x s attention scores)
+    - recompute selective: s*b*h*(10 + 24/t)                 (attention core recomputed)
+    - recompute full:      2*s*b*h (each layer's input) + one layer at "none", rebuilt in backward
+
+    The constants count 16-bit activations; fp32 models double them. Under 1F1B the first
+    stage holds min(pipeline, microbatches) micro-batches of its num_layers/pipeline layers.
+    The formula is for a GPT layer (MHA, 4h GeLU MLP); for GQA / SwiGLU it is an estimate, and
+    an upper bound for "none" when flash / fused attention does not store the scores.
+    """
+    s, b, h, a, t = sequence, micro_batch, model.hidden_size, model.num_attention_heads, tensor
+    scale = DTYPE_BYTES[model.dtype] / 2
+    full_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) * scale
+    kept_per_layer = {"none": full_layer, "selective": s * b * h * (10 + 24 / t) * scale,
+                      "full": 2 * s * b * h * scale}[model.recompute]
+    stored = model.num_layers // pipeline * min(pipeline, microbatches) * kept_per_layer
+    return int(stored + (full_layer if model.recompute == "full" else 0))
+
+
+def kv_cache_bytes(model: ModelConfig, *, tensor: int, pipeline: int, sequences: int) -> int:
+    """The static inference KV cache on one GPU, in bytes: K and V for num_layers/pipeline
+    layers x query_groups/tensor x head_dim x model dtype x max_sequence_length x sequences
+    (Megatron allocates the full max_sequence_length for the full max batch)."""
+    groups = model.num_query_groups or model.num_attention_heads
+    return (2 * (model.num_layers // pipeline) * (groups // tensor) * model.head_dim * DTYPE_BYTES[model.dtype]
+            * model.max_sequence_length * sequences)
+
+
+@dataclass
+class MemoryPlan:
+    """Per-GPU bytes of one run's layout. ``capacity`` None: no limit (CPU)."""
+
+    name: str
+    gpu: str
+    gpus: int
+    tensor: int
+    pipeline: int
+    data_parallel: int
+    teacher_parameters: int
+    student_parameters: int
+    sequence: int  # tokens per training sequence (prompt + new tokens)
+    rollouts_per_rank: int
+    items: dict[str, int]
+    capacity: Optional[int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.items.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity is None or self.total <= self.capacity
+
+    def format(self) -> str:
+        """A table in GiB: the layout, the parameter counts, each item, total against capacity."""
+        width = max(len(k) for k in self.items) + 2
+        lines = [
+            f"{self.name} on {self.gpus} x {self.gpu}: tensor {self.tensor} x pipeline {self.pipeline} "
+            f"x data {self.data_parallel}",
+            f"teacher {_count(self.teacher_parameters)} parameters, student {_count(self.student_parameters)}; "
+            f"{self.rollouts_per_rank} rollouts of up to {self.sequence} tokens per data-parallel rank",
+            f"{'per GPU':<{width}}{'GiB':>9}",
+        ]
+        lines += [f"{k:<{width}}{v / GIB:9.2f}" for k, v in self.items.items()]
+        lines.append(f"{'total':<{width}}{self.total / GIB:9.2f}")
+        if self.capacity is None:
+            lines.append(f"{'capacity':<{width}}{'no limit':>9}")
+            return "\n".join(lines)
+        lines.append(f"{'capacity (' + self.gpu + ')':<{width}}{self.capacity / GIB:9.2f}")
+        margin = (self.capacity - self.total) / GIB
+        lines.append(f"fits: {margin:.2f} GiB to spare" if self.fits else f"does not fit: {-margin:.2f} GiB over")
+        return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    """70553706496 -> '70.55B', 1234567 -> '1.23M'."""
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def gpu_capacity(gpu: str) -> Optional[int]:
+    """Usable bytes of the named GPU (None for "cpu"); ValueError naming the known GPUs."""
+    if gpu not in GPU_MEMORY:
+        raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(GPU_MEMORY)}")
+    return GPU_MEMORY[gpu]
+
+
+def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
+    """The per-GPU memory plan of ``config`` on ``gpus`` GPUs (the world size; default
+    tensor x pipeline, i.e. data parallel 1). ValueError when the layout cannot run: world
+    size or model shapes not divisible, prompts_per_step not divisible by data parallel."""
+    tp, pp = config.parallel.tensor, config.parallel.pipeline
+    gpus = tp * pp if gpus is None else gpus
+    if gpus < 1:
+        raise ValueError(f"gpus={gpus}; must be >= 1")
+    capacity = gpu_capacity(config.gpu)
+    for spec in (config.teacher, config.student):
+        config.parallel.check(gpus, spec.model)
+    dp = gpus // (tp * pp)
+    prompts = config.schedule.prompts_per_step
+    if prompts % dp:
+        raise ValueError(f"schedule.prompts_per_step={prompts} is not divisible by data parallel {dp} "
+                         f"({gpus} GPUs / tensor {tp} x pipeline {pp})")
+    teacher, student, rollout = config.teacher.model, config.student.model, config.rollout
+    on_gpu = capacity is not None
+    rollouts = prompts * rollout.rollouts_per_prompt // dp
+    microbatches = _ceil_div(rollouts, rollout.micro_batch_size)
+    sequence = config.data.max_prompt_tokens + rollout.sampling.max_new_tokens
+    tokens_per_step = microbatches * rollout.micro_batch_size * sequence  # padded rows included
+    # each generator's static KV cache is allocated for generation_batch_size sequences and kept
+    generation_batch = rollout.generation_batch_size
+    student_params = stage_parameters(student, tp, pp)
+    # the distributed optimizer (GPU only: the trainer uses the plain one on CPU) shards its state
+    optimizer_shards = dp if on_gpu else 1
+
+    items = {
+        f"student weights ({student.dtype})": student_params * DTYPE_BYTES[student.dtype],
+        "student gradients (fp32)": student_params * 4,
+        f"student optimizer ({config.optim.optimizer}, 1/{optimizer_shards} shard)":
+            _ceil_div(student_params * optimizer_bytes_per_parameter(student.dtype, config.optim.optimizer),
+                      optimizer_shards),
+        f"teacher weights ({teacher.dtype})": stage_parameters(teacher, tp, pp) * DTYPE_BYTES[teacher.dtype],
+        f"student activations (recompute {student.recompute})": activation_bytes(
+            student, sequence=sequence, micro_batch=rollout.micro_batch_size, tensor=tp, pipeline=pp,
+            microbatches=microbatches),
+        # fp32 logits shard for the softmax and its gradient
+        "student logits (fp32, x2)": rollout.micro_batch_size * sequence * student.embedding_rows // tp * 4 * 2,
+    }
+    if config.objective.name == "dense_kl":  # train_step keeps every micro-batch's teacher logits shard
+        items[f"teacher logits, dense ({teacher.dtype})"] = (
+            tokens_per_step * teacher.embedding_rows // tp * DTYPE_BYTES[teacher.dtype])
+    else:
+        topk = config.objective.selected().signal_topk
+        items[f"teacher signal (top-{topk})"] = tokens_per_step * (SIGNAL_TOKEN_BYTES + topk * SIGNAL_TOPK_BYTES)
+    items[f"student KV cache ({generation_batch} seqs)"] = kv_cache_bytes(
+        student, tensor=tp, pipeline=pp, sequences=generation_batch)
+    # the teacher only generates (and so allocates its cache) when it writes prefixes
+    if (max(rollout.prefix_share_start, rollout.prefix_share_end) > 0
+            and max(rollout.prefix_tokens_start, rollout.prefix_tokens_end) > 0):
+        items[f"teacher KV cache ({generation_batch} seqs)"] = kv_cache_bytes(
+            teacher, tensor=tp, pipeline=pp, sequences=generation_batch)
+    if on_gpu:
+        items["CUDA context, NCCL, workspaces"] = CONTEXT_BYTES
+
+    return MemoryPlan(
+        name=config.name, gpu=config.gpu, gpus=gpus, tensor=tp, pipeline=pp, data_parallel=dp,
+        teacher_parameters=parameter_count(teacher), student_parameters=parameter_count(student),
+        sequence=sequence, rollouts_per_rank=rollouts, items=items, capacity=capacity,
+    )
