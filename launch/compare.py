@@ -1,7 +1,7 @@
 """`make compare`: OPD, EOPD, REOPOLD and TrOPD (each outlier strategy) on the tiny task,
 same seeds and budget, in one torchrun job at TP = 2 on CPU.
 
-    torchrun --nproc-per-node 2 -m launch.compare [--seeds 0 1] [--out docs/compare] [key=value ...]
+    torchrun --nproc-per-node 2 -m launch.compare [--seeds 0,1] [--variants "OPD,TrOPD fkl"] [key=value ...]
 
 Uses the demo's prepared task and models (prepared here when missing). Each run is a
 Trainer on the tiny recipe with its own checkpoint folder under ROOT/compare, so an
@@ -14,14 +14,12 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch.distributed as dist
 
-from recipes.tiny import tiny
+from launch.demo import TASK_HELP, tiny_configs
 from tropd_megatron.megatron import initialize
-from tropd_megatron.run_config import apply_overrides
-from tropd_megatron.tasks.tiny import TinyTaskConfig, prepare
+from tropd_megatron.tasks.tiny import prepare
 from tropd_megatron.train import Trainer
 
 VARIANTS = {
@@ -36,13 +34,12 @@ VARIANTS = {
 
 def run_one(root: str, name: str, seed: int, overrides: list) -> dict:
     folder = os.path.join(root, "compare", f"{name.lower().replace(' ', '_')}_seed{seed}")
-    cfg = apply_overrides(tiny(root), [*VARIANTS[name], f"schedule.seed={seed}", f"data.seed={seed}",
+    cfg, _ = tiny_configs(root, [*VARIANTS[name], f"schedule.seed={seed}", f"data.seed={seed}",
                                        f"objective.tropd.seed={seed}", f"checkpoint.dir={folder}",
                                        f"logging.tensorboard_dir={folder}/tensorboard", "logging.log_every=50",
                                        *overrides])
-    start = time.time()
     history = Trainer(cfg).run()["history"]["eval"]
-    return {"variant": name, "seed": seed, "steps": cfg.schedule.steps, "seconds": time.time() - start,
+    return {"variant": name, "seed": seed, "steps": cfg.schedule.steps,
             "problems": history[-1]["problems"], "curve": [(e["step"], e["avg_at_n"]) for e in history]}
 
 
@@ -96,17 +93,25 @@ def report(results: list, out: str, command: str, cfg) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/demo", help="the demo's task files and models")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated (default %(default)s)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: %(default)s")
     parser.add_argument("--out", default="docs/compare", help="writes OUT.md, OUT.json, OUT.png")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="tiny recipe overrides for every run")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=TASK_HELP + "; for every run")
     args = parser.parse_args(argv)
-    base = apply_overrides(tiny(args.root), args.overrides)
+    variants = [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.exit(2, f"error: unknown variants {unknown}; choose from {', '.join(VARIANTS)}\n")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        base, task = tiny_configs(args.root, args.overrides)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
     initialize(base.parallel, seed=0)
-    prepare(base, TinyTaskConfig())
+    prepare(base, task)
     results = []
-    for seed in args.seeds:
-        for name in args.variants:
+    for seed in seeds:
+        for name in variants:
             if dist.get_rank() == 0:
                 print(f"== {name}, seed {seed}", file=sys.stderr, flush=True)
             results.append(run_one(args.root, name, seed, args.overrides))

@@ -53,21 +53,32 @@ def plot(cfg, path: str) -> None:
     plt.close(fig)
 
 
+def tiny_configs(root: str, overrides: list) -> tuple:
+    """(RunConfig, TinyTaskConfig): the tiny recipe at ``root`` with ``overrides``, where
+    ``task.*`` keys go to the task preparation; ValueError naming a bad key."""
+    task = [o[len("task."):] for o in overrides if o.startswith("task.")]
+    cfg = apply_overrides(tiny(root), [o for o in overrides if not o.startswith("task.")])
+    try:
+        task_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TinyTaskConfig()),
+                                                       OmegaConf.from_dotlist(task)))
+    except OmegaConfBaseException as e:
+        raise ValueError(f"task setting rejected: task.{e.full_key}: {str(e.msg).splitlines()[0]}") from None
+    return cfg, task_cfg
+
+
+TASK_HELP = ("tiny recipe overrides (schedule.steps=50) or task.* preparation settings "
+             f"({', '.join('task.' + k for k in leaf_keys(TinyTaskConfig()))})")
+
+
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/demo", help="where the task files, models and run go")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="tiny recipe overrides (schedule.steps=50) or task.* preparation settings "
-                             f"({', '.join('task.' + k for k in leaf_keys(TinyTaskConfig()))})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=TASK_HELP)
     args = parser.parse_args(argv)
-    task = [o[len("task."):] for o in args.overrides if o.startswith("task.")]
     try:
-        cfg = apply_overrides(tiny(args.root), [o for o in args.overrides if not o.startswith("task.")])
-        task_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TinyTaskConfig()),
-                                                       OmegaConf.from_dotlist(task)))
-    except (ValueError, OmegaConfBaseException) as e:
+        return tiny_configs(args.root, args.overrides)
+    except ValueError as e:
         parser.exit(2, f"error: {e}\n")
-    return cfg, task_cfg
 
 
 def main(argv=None) -> dict:
