@@ -2,6 +2,7 @@
 checkpoint, evaluation results, TensorBoard events and configuration; a signal mid-run
 writes a checkpoint and exits 75; the next launch resumes from it and finishes; a resume
 with other settings and bad overrides are refused with the key named."""
+import json
 import os
 import signal
 import subprocess
@@ -44,6 +45,18 @@ def test_two_steps_at_tp2_leave_checkpoint_eval_and_logs(tmp_path):
         assert len(lines) == 8  # every held-out problem, gathered (both TP ranks generate them; rank 0 writes)
     assert "objective:\n  name: tropd" in (tmp_path / "run" / "config.yaml").read_text()
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tensorboard"))
+    # avg@n of the trained student from the run's latest checkpoint (saved at TP = 2, read at TP = 1)
+    env = {**ENV, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    ev = subprocess.run([sys.executable, "-m", "launch.evaluate", "--recipe", "tiny", "--problems",
+                         str(tmp_path / "held_out.jsonl"), "--samples", "2", "--results", str(tmp_path / "avg2.jsonl"),
+                         *overrides, "parallel.tensor=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    summary = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert summary["weights"].endswith("run/step_00000002") and summary["problems"] == 8 and summary["n"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "avg2.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(len(r["samples"]) == 2 for r in rows)
+    assert summary["avg_at_n"] == sum(r["score"] for r in rows) / 8
     # the same directory with another objective: refused, naming the differing key, nothing written
     again = torchrun([*overrides, "schedule.steps=2", "objective.name=opd"])
     assert again.returncode != 0 and "objective.name: checkpoint 'tropd', now 'opd'" in again.stderr

@@ -1,0 +1,69 @@
+"""avg@n of a recipe's student on a JSONL of problems with reference answers.
+
+    torchrun --nproc-per-node 2 -m launch.evaluate --recipe tiny --problems runs/demo/held_out.jsonl \
+        --samples 4 --results runs/demo/eval_avg4.jsonl [key=value ...]
+
+The weights are the run's latest checkpoint (``checkpoint.dir``) when it has one, else the
+recipe's ``student.checkpoint``; ``--weights DIR`` names another. Prompts get the recipe's
+chat template (``data.*`` settings, e.g. ``data.prompt_field=problem``). Prints avg@n and pass@n;
+the results file holds every sample with its extracted answer and verdict.
+"""
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+import torch.distributed as dist
+
+from recipes import RECIPES, get_recipe
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help=f"one of: {', '.join(sorted(RECIPES))}")
+    parser.add_argument("--problems", required=True, help="JSONL with a prompt and a reference answer per line")
+    parser.add_argument("--samples", type=int, default=1, help="n of avg@n (1: greedy)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when n > 1")
+    parser.add_argument("--max-new-tokens", type=int, help="default: the recipe's eval.max_new_tokens")
+    parser.add_argument("--max-problems", type=int, default=0, help="0: all")
+    parser.add_argument("--weights", help="a checkpoint folder (a run's root or one step_* folder)")
+    parser.add_argument("--results", help="results JSONL (default: none)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = get_recipe(args.recipe, args.overrides)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+
+    from tropd_megatron.evaluation.benchmark import evaluate, load_problems
+    from tropd_megatron.megatron import build_gpt, initialize
+    from tropd_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint
+    from tropd_megatron.megatron.inference import Generator
+    from tropd_megatron.tokenizer import SentencePieceTokenizer
+
+    try:
+        initialize(cfg.parallel, seed=cfg.schedule.seed)
+        tokenizer = SentencePieceTokenizer(cfg.tokenizer)
+        weights = args.weights or (cfg.checkpoint.dir if latest_checkpoint(cfg.checkpoint.dir) else cfg.student.checkpoint)
+        if weights is None:
+            raise ValueError("no weights: the run has no checkpoint and student.checkpoint is null (pass --weights)")
+        model = build_gpt(cfg.student.model, cfg.parallel, frozen=True)
+        path = latest_checkpoint(weights) or weights
+        load_checkpoint(path, model)
+        problems = load_problems(replace(cfg.data, path=args.problems), tokenizer.encode, args.max_problems)
+    except (ValueError, FileNotFoundError) as e:
+        if dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    generator = Generator(model, cfg.student.model, eos_id=tokenizer.eos_id,
+                          max_batch_size=cfg.rollout.generation_batch_size)
+    result = evaluate(generator, problems, tokenizer.decode, samples=args.samples, temperature=args.temperature,
+                      max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens, seed=cfg.schedule.seed,
+                      results_path=args.results)
+    if dist.get_rank() == 0:
+        print(json.dumps({"weights": str(path), "problems_file": args.problems, **result.as_dict()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
