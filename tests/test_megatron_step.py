@@ -249,3 +249,37 @@ def test_layouts_that_cannot_work_are_refused():
         ParallelConfig(3, 1).check(3, STUDENT)
     with pytest.raises(ValueError, match="pipeline parallel size 4 does not divide num_layers=2"):
         ParallelConfig(1, 4).check(4, STUDENT)
+
+
+def _nonfinite_worker(rank, world, root):
+    teacher, student = _setup(2, 1)
+    load_checkpoint(latest_checkpoint(os.path.join(root, "teacher")), teacher)
+    load_checkpoint(latest_checkpoint(os.path.join(root, "student")), student.model.module)
+    gpt = student.model.module
+    before = {k: v.detach().clone() for k, v in gpt.state_dict().items() if torch.is_tensor(v)}
+    poison = {"on": True}
+
+    def hook(module, inputs, output):  # one NaN logit on one rank: NaN gradients everywhere
+        logits, bias = output
+        if poison["on"] and rank == 1:
+            logits = logits.clone()
+            logits[3, 0, 0] = float("nan")  # [S, B, V/TP] inside the output layer
+        return logits, bias
+
+    gpt.output_layer.register_forward_hook(hook)
+    bad = train_step(student, teacher, microbatches(0), OBJECTIVE, vocab_size=VOCAB, step=0, total_steps=STEPS)
+    after_bad = {k: v.detach().clone() for k, v in gpt.state_dict().items() if torch.is_tensor(v)}
+    poison["on"] = False
+    good = train_step(student, teacher, microbatches(1), OBJECTIVE, vocab_size=VOCAB, step=1, total_steps=STEPS)
+    finite = all(bool(torch.isfinite(v).all()) for v in gpt.state_dict().values() if torch.is_tensor(v)
+                 and v.is_floating_point())
+    unchanged = all(torch.equal(before[k], after_bad[k]) for k in before)
+    changed = any(not torch.equal(after_bad[k], v) for k, v in gpt.state_dict().items() if k in after_bad)
+    return bad.skipped, bad.grad_norm, good.skipped, unchanged, changed, finite
+
+
+def test_nonfinite_gradients_skip_the_update_on_every_rank(initial):
+    for result in run_workers(_nonfinite_worker, 2, initial):
+        bad_skipped, bad_norm, good_skipped, unchanged, changed, finite = result
+        assert bad_skipped and bad_norm is None and unchanged  # both ranks skip, weights untouched
+        assert not good_skipped and changed and finite  # the next clean step trains as usual

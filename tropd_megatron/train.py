@@ -34,7 +34,7 @@ from .tokenizer import SentencePieceTokenizer
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; run again to resume
 SCALARS = ("loss", "trust_fraction", "kl_k3", "response_length", "stopped_fraction", "prefixed_fraction",
-           "tokens_per_second", "lr", "grad_norm")
+           "tokens_per_second", "lr", "grad_norm", "skipped_update")
 
 
 class Preempted(SystemExit):
@@ -173,14 +173,15 @@ class Trainer:
         if self.writer is not None:
             for key in SCALARS:
                 if metrics.get(key) is not None:
-                    self.writer.add_scalar(f"train/{key}", metrics[key], self.step)
+                    self.writer.add_scalar(f"train/{key}", float(metrics[key]), self.step)
             for key, value in seconds.items():
                 self.writer.add_scalar(f"time/{key}", value, self.step)
         if self.step % self.cfg.logging.log_every == 0 or self.step == self.cfg.schedule.steps:
             print(f"step {self.step}/{self.cfg.schedule.steps} loss {metrics['loss']:.4f} "
                   f"trust {metrics.get('trust_fraction', float('nan')):.3f} len {metrics['response_length']:.1f} "
                   f"lr {metrics['lr']:.2e} | rollout {seconds['rollout']:.1f}s teacher {seconds['teacher']:.1f}s "
-                  f"train {seconds['student'] + seconds['optimizer']:.1f}s | {metrics['tokens_per_second']:.0f} tok/s",
+                  f"train {seconds['student'] + seconds['optimizer']:.1f}s | {metrics['tokens_per_second']:.0f} tok/s"
+                  + (" | update SKIPPED: non-finite gradients" if metrics["skipped_update"] else ""),
                   file=sys.stderr, flush=True)
 
     def run(self) -> dict:

@@ -112,12 +112,22 @@ def teacher_outputs(teacher, microbatches: list[MicroBatch], *, topk: int, dense
     return outputs if parallel_state.is_pipeline_last_stage() else [None] * len(microbatches)
 
 
+def _gradients_finite(model) -> bool:
+    """Whether every rank's gradients are finite (one all-reduce over all ranks, so that they
+    all take the same decision)."""
+    local = all(bool(torch.isfinite(p.main_grad).all()) for p in model.parameters()
+                if getattr(p, "main_grad", None) is not None)
+    flag = torch.tensor([0 if local else 1], device="cpu" if cpu.on_cpu() else "cuda")
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return not flag.item()
+
+
 @dataclass
 class StepResult:
     metrics: dict  # reduced over data-parallel ranks (last pipeline stage; empty elsewhere)
     grad_norm: Optional[float]
     lr: float
-    skipped: bool  # the optimizer refused the update (non-finite gradients)
+    skipped: bool  # no update: non-finite gradients on some rank (weights and LR schedule unchanged)
     seconds: dict  # teacher / student / optimizer wall time
 
 
@@ -159,7 +169,11 @@ def train_step(
     collected = _schedule(student.model, microbatches, list(zip(microbatches, signals)), forward_step,
                           forward_only=False)
     t2 = time.perf_counter()
-    updated, grad_norm, _ = student.optimizer.step()
+    # Megatron's fp32 and bf16 optimizers apply non-finite gradients (only fp16 loss scaling
+    # checks): refuse the update here so the weights never become non-finite
+    updated, grad_norm = False, None
+    if _gradients_finite(student.model):
+        updated, grad_norm, _ = student.optimizer.step()
     if updated:
         student.scheduler.step(increment=1)
     t3 = time.perf_counter()
