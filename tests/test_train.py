@@ -115,3 +115,18 @@ def test_missing_files_exit_2_naming_them(tmp_path):
         proc = single_process([*overrides, bad])
         out, _ = proc.communicate(timeout=100)
         assert proc.returncode == 2 and message in out, out[-2000:]
+
+
+@pytest.mark.timeout(200)
+def test_a_corrupt_checkpoint_is_named_not_loaded(tmp_path):
+    overrides = make_tiny_files(tmp_path) + ["schedule.steps=1", "eval.path=null"]
+    first = single_process(overrides)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out[-2000:]
+    shard = sorted((tmp_path / "run" / "step_00000001").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a full disk or a bad copy
+    again = single_process(overrides)
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 2, out[-2000:]
+    assert f"{tmp_path}/run/step_00000001: unreadable checkpoint (EOFError" in out
+    assert f"point {tmp_path}/run/latest at an earlier step_* folder" in out

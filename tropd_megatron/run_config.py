@@ -133,16 +133,19 @@ def _lookup(config, key: str):
     return config
 
 
-# keys a resumed run may change: where it logs and evaluates, not what it trains
-RESUMABLE_CHANGES = ("name", "logging.", "eval.", "checkpoint.", "gpu")
+# keys a resumed run may change: where it logs and evaluates, its layout (checkpoints
+# reshard), where the frozen models' weights are read from; not what it trains
+RESUMABLE_CHANGES = ("name", "gpu", "logging.", "eval.", "checkpoint.", "parallel.", "teacher.checkpoint",
+                     "student.checkpoint")
 
 
 def resume_conflicts(saved: dict, config: RunConfig) -> list[str]:
     """Keys whose values differ between a checkpoint's run and ``config``, ignoring
-    RESUMABLE_CHANGES: resuming across such a difference would mix two experiments."""
+    RESUMABLE_CHANGES and keys that only one side knows (settings added or removed by a newer
+    version of this code): resuming across such a difference would mix two experiments."""
     now = flatten(config)
-    return [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if not k.startswith(RESUMABLE_CHANGES) and saved.get(k) != now.get(k)]
+    return [f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in sorted(set(saved) & set(now))
+            if not k.startswith(RESUMABLE_CHANGES) and saved[k] != now[k]]
 
 
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 LATEST = "latest"
@@ -106,7 +107,12 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
     RNG states are restored only when the world size matches the saving run's."""
     path = Path(path)
     meta = checkpoint_metadata(path)
-    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path))
+    try:
+        loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path))
+    except (Exception, CheckpointException) as e:  # truncated or missing shards (CheckpointException is a BaseException)
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        raise ValueError(f"{path}: unreadable checkpoint ({type(cause).__name__}: {str(cause)[:200]}); restore "
+                         f"it, or point {path.parent / LATEST} at an earlier step_* folder") from e
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
