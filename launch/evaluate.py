@@ -8,19 +8,17 @@ recipe's ``student.checkpoint``; ``--weights DIR`` names another. Prompts get th
 chat template (``data.*`` settings, e.g. ``data.prompt_field=problem``). Prints avg@n and pass@n;
 the results file holds every sample with its extracted answer and verdict.
 """
-import argparse
 import json
 import sys
 from dataclasses import replace
 
 import torch.distributed as dist
 
-from recipes import RECIPES, get_recipe
+from recipes import parse_recipe_args, recipe_parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help=f"one of: {', '.join(sorted(RECIPES))}")
+    parser = recipe_parser(__doc__)
     parser.add_argument("--problems", required=True, help="JSONL with a prompt and a reference answer per line")
     parser.add_argument("--samples", type=int, default=1, help="n of avg@n (1: greedy)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when n > 1")
@@ -28,12 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-problems", type=int, default=0, help="0: all")
     parser.add_argument("--weights", help="a checkpoint folder (a run's root or one step_* folder)")
     parser.add_argument("--results", help="results JSONL (default: none)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = get_recipe(args.recipe, args.overrides)
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
+    args, cfg = parse_recipe_args(parser, argv)
 
     from tropd_megatron.evaluation.benchmark import evaluate, load_problems
     from tropd_megatron.megatron import build_gpt, initialize

@@ -7,10 +7,9 @@
 names the device (override it like any key). Exit codes: 0 fits, 1 does not fit, 2 bad recipe,
 override or layout. The numbers are estimates (see ``tropd_megatron.planner``).
 """
-import argparse
 import sys
 
-from recipes import RECIPES, get_recipe
+from recipes import parse_recipe_args, recipe_parser
 from tropd_megatron.planner import GIB, plan
 
 
@@ -23,13 +22,11 @@ def check_fits(config, gpus: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help=f"one of: {', '.join(sorted(RECIPES))}")
+    parser = recipe_parser(__doc__)
     parser.add_argument("--gpus", type=int, help="world size (default tensor x pipeline)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args, config = parse_recipe_args(parser, argv)
     try:
-        memory = plan(get_recipe(args.recipe, args.overrides), args.gpus)
+        memory = plan(config, args.gpus)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     print(memory.format())

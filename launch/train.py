@@ -6,24 +6,16 @@
 Overrides are dotted ``key=value`` pairs on the recipe's RunConfig. Exit codes: 0 finished,
 75 preempted with a checkpoint written (run again to resume), anything else failed.
 """
-import argparse
 import os
 import sys
 
-from recipes import RECIPES, get_recipe
+from recipes import parse_recipe_args, recipe_parser
 
 
 def parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help=f"one of: {', '.join(sorted(RECIPES))}")
+    parser = recipe_parser(__doc__)
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    try:
-        config = get_recipe(args.recipe, args.overrides)
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
-    return args, config
+    return parse_recipe_args(parser, argv)
 
 
 def main(argv=None) -> None:
