@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from tqdm import tqdm
 
 from .data import PromptStream
 from .evaluation.benchmark import evaluate, load_problems
@@ -70,7 +71,13 @@ def is_logger() -> bool:
 
 def log(message: str) -> None:
     if dist.get_rank() == 0:
-        print(message, file=sys.stderr, flush=True)
+        say(message)
+
+
+def say(message: str) -> None:
+    """A line on stderr, above the progress bar when there is one."""
+    tqdm.write(message, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _model_weights(path: str | None, what: str):
@@ -177,17 +184,19 @@ class Trainer:
             for key, value in seconds.items():
                 self.writer.add_scalar(f"time/{key}", value, self.step)
         if self.step % self.cfg.logging.log_every == 0 or self.step == self.cfg.schedule.steps:
-            print(f"step {self.step}/{self.cfg.schedule.steps} loss {metrics['loss']:.4f} "
-                  f"trust {metrics.get('trust_fraction', float('nan')):.3f} len {metrics['response_length']:.1f} "
-                  f"lr {metrics['lr']:.2e} | rollout {seconds['rollout']:.1f}s teacher {seconds['teacher']:.1f}s "
-                  f"train {seconds['student'] + seconds['optimizer']:.1f}s | {metrics['tokens_per_second']:.0f} tok/s"
-                  + (" | update SKIPPED: non-finite gradients" if metrics["skipped_update"] else ""),
-                  file=sys.stderr, flush=True)
+            say(f"step {self.step}/{self.cfg.schedule.steps} loss {metrics['loss']:.4f} "
+                f"trust {metrics.get('trust_fraction', float('nan')):.3f} len {metrics['response_length']:.1f} "
+                f"lr {metrics['lr']:.2e} | rollout {seconds['rollout']:.1f}s teacher {seconds['teacher']:.1f}s "
+                f"train {seconds['student'] + seconds['optimizer']:.1f}s | {metrics['tokens_per_second']:.0f} tok/s"
+                + (" | update SKIPPED: non-finite gradients" if metrics["skipped_update"] else ""))
 
     def run(self) -> dict:
         cfg = self.cfg
         stop = _StopFlag()
         started = time.time()
+        # a bar on a terminal only (disable=None); logs get the progress lines
+        bar = tqdm(total=cfg.schedule.steps, initial=self.step, desc=f"{cfg.name} {cfg.objective.name}",
+                   disable=None if is_logger() else True, file=sys.stderr, dynamic_ncols=True)
         try:
             if self.eval_problems and self.step == 0:
                 self.evaluate()
@@ -201,6 +210,7 @@ class Trainer:
                 metrics = dict(result.metrics, lr=result.step.lr, grad_norm=result.step.grad_norm,
                                skipped_update=result.step.skipped)
                 self._record(metrics, result.seconds)
+                bar.update(1)
                 last = self.step == cfg.schedule.steps
                 if self.eval_problems and (last or (cfg.eval.every and self.step % cfg.eval.every == 0)):
                     self.evaluate()
@@ -212,6 +222,7 @@ class Trainer:
                         f"exiting with {PREEMPTED_EXIT} (run again to resume)")
                     raise Preempted()
         finally:
+            bar.close()
             stop.restore()
             if self.writer is not None:
                 self.writer.close()
