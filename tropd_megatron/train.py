@@ -19,17 +19,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
 from .data import PromptStream
 from .evaluation.benchmark import evaluate, load_problems
-from .megatron import build_gpt, build_student, check_vocab, cpu, initialize
+from .megatron import build_gpt, build_student, check_vocab, initialize
 from .megatron.checkpoint import checkpoint_metadata, latest_checkpoint, load_checkpoint, save_checkpoint
 from .megatron.inference import Generator
 from .megatron.iteration import run_iteration
+from .megatron.step import any_rank
 from .run_config import RunConfig, flatten, resume_conflicts, to_yaml
 from .tokenizer import SentencePieceTokenizer
 
@@ -54,9 +54,7 @@ class _StopFlag:
         self.raised = signal.Signals(signum).name
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1 if self.raised else 0], device="cpu" if cpu.on_cpu() else "cuda")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.raised is not None)
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
@@ -135,8 +133,7 @@ class Trainer:
             os.makedirs(cfg.checkpoint.dir, exist_ok=True)
             with open(os.path.join(cfg.checkpoint.dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
-            print(f"run {cfg.name}: {dist.get_world_size()} processes, configuration in "
-                  f"{cfg.checkpoint.dir}/config.yaml", file=sys.stderr, flush=True)
+            say(f"run {cfg.name}: {dist.get_world_size()} processes, configuration in {cfg.checkpoint.dir}/config.yaml")
         batch = cfg.rollout.generation_batch_size
         eos = self.tokenizer.eos_id
         self.student_generator = Generator(self.student.model.module, cfg.student.model, eos_id=eos, max_batch_size=batch)
@@ -205,7 +202,7 @@ class Trainer:
                     self.student, self.teacher, self.student_generator, self.teacher_generator, self.prompts,
                     cfg.rollout, cfg.objective.selected(), prompts_per_step=cfg.schedule.prompts_per_step,
                     vocab_size=self.tokenizer.vocab_size, step=self.step, total_steps=cfg.schedule.steps,
-                    seed=cfg.schedule.seed, log=False)
+                    seed=cfg.schedule.seed)
                 self.step += 1
                 metrics = dict(result.metrics, lr=result.step.lr, grad_norm=result.step.grad_norm,
                                skipped_update=result.step.skipped)

@@ -1,7 +1,6 @@
 """One training iteration: rollouts -> teacher signal -> training step."""
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ class IterationResult:
 
 def run_iteration(student: Student, teacher, student_generator: Generator, teacher_generator: Generator,
                   prompts: PromptStream, rollout: RolloutConfig, objective: ObjectiveConfig, *, prompts_per_step: int,
-                  vocab_size: int, step: int, total_steps: int, seed: int = 0, log=True) -> IterationResult:
+                  vocab_size: int, step: int, total_steps: int, seed: int = 0) -> IterationResult:
     """Each data-parallel rank rolls out its share of ``prompts_per_step`` prompts (every rank
     draws the same batch from the stream, so the stream's position stays in step)."""
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -53,11 +52,4 @@ def run_iteration(student: Student, teacher, student_generator: Generator, teach
         skipped_long_prompts=prompts.skipped_too_long,
         tokens_per_second=generated / max(seconds["total"], 1e-9),
     )
-    printer = (parallel_state.is_pipeline_last_stage() and dp_rank == 0
-               and parallel_state.get_tensor_model_parallel_rank() == 0)
-    if log and printer:
-        print(f"step {step + 1}/{total_steps} loss {metrics['loss']:.4f} trust {metrics['trust_fraction']:.3f} "
-              f"kl_k3 {metrics['kl_k3']:.4f} len {metrics['response_length']:.1f} | rollout {seconds['rollout']:.1f}s "
-              f"teacher {seconds['teacher']:.1f}s train {seconds['student'] + seconds['optimizer']:.1f}s "
-              f"| {metrics['tokens_per_second']:.0f} tok/s", file=sys.stderr, flush=True)
     return IterationResult(result, metrics, seconds)

@@ -112,14 +112,18 @@ def teacher_outputs(teacher, microbatches: list[MicroBatch], *, topk: int, dense
     return outputs if parallel_state.is_pipeline_last_stage() else [None] * len(microbatches)
 
 
-def _gradients_finite(model) -> bool:
-    """Whether every rank's gradients are finite (one all-reduce over all ranks, so that they
-    all take the same decision)."""
-    local = all(bool(torch.isfinite(p.main_grad).all()) for p in model.parameters()
-                if getattr(p, "main_grad", None) is not None)
-    flag = torch.tensor([0 if local else 1], device="cpu" if cpu.on_cpu() else "cuda")
+def any_rank(local: bool) -> bool:
+    """Whether ``local`` holds on any rank of the job (one all-reduce, so that every rank
+    takes the same decision)."""
+    flag = torch.tensor([int(local)], device="cpu" if cpu.on_cpu() else "cuda")
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return not flag.item()
+    return bool(flag.item())
+
+
+def _gradients_finite(model) -> bool:
+    """Whether every rank's gradients are finite."""
+    return not any_rank(not all(bool(torch.isfinite(p.main_grad).all()) for p in model.parameters()
+                                if getattr(p, "main_grad", None) is not None))
 
 
 @dataclass
