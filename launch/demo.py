@@ -21,31 +21,23 @@ from tropd_megatron.run_config import apply_overrides, leaf_keys
 from tropd_megatron.evaluation.benchmark import evaluate
 from tropd_megatron.megatron import initialize
 from tropd_megatron.tasks.tiny import TinyTaskConfig, prepare
-from tropd_megatron.train import Trainer, is_logger
+from tropd_megatron.train import Trainer, is_logger, read_metrics
 
 
-def scalars(logdir: str, tag: str) -> tuple[list, list]:
-    """(steps, values) of one TensorBoard scalar."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(logdir).Reload()
-    if tag not in events.Tags()["scalars"]:
-        return [], []
-    points = events.Scalars(tag)
-    return [p.step for p in points], [p.value for p in points]
-
-
-def plot(cfg, path: str) -> None:
+def plot(cfg, evals: list, path: str) -> None:
+    """Loss and trust fraction by step (the run's metrics.jsonl) and held-out accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics = read_metrics(cfg.checkpoint.dir)
+    curves = [(list(metrics), [m["loss"] for m in metrics.values()], "TrOPD loss"),
+              (list(metrics), [m.get("trust_fraction") for m in metrics.values()], "trust fraction"),
+              ([e["step"] for e in evals], [e["avg_at_n"] for e in evals], "held-out accuracy (avg@1)")]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, tag, title in zip(axes, ("train/loss", "train/trust_fraction", "eval/avg@1"),
-                              ("TrOPD loss", "trust fraction", "held-out accuracy (avg@1)")):
-        steps, values = scalars(cfg.logging.tensorboard_dir, tag)
-        ax.plot(steps, values, marker="o" if tag.startswith("eval") else None)
+    for ax, (steps, values, title) in zip(axes, curves):
+        ax.plot(steps, values, marker="o" if title.startswith("held-out") else None)
         ax.set_title(title)
         ax.set_xlabel("step")
     fig.tight_layout()
@@ -91,14 +83,15 @@ def main(argv=None) -> dict:
                        max_new_tokens=cfg.eval.max_new_tokens, progress=False)
     result = trainer.run()
     evals = result["history"]["eval"]
-    steps, trust = scalars(cfg.logging.tensorboard_dir, "train/trust_fraction") if is_logger() else ([], [])
+    metrics = read_metrics(cfg.checkpoint.dir).values() if is_logger() else []
+    trust = [m["trust_fraction"] for m in metrics if "trust_fraction" in m]  # TrOPD only
     summary = {"teacher_accuracy": teacher.avg_at_n, "student_accuracy_before": evals[0]["avg_at_n"],
                "student_accuracy_after": evals[-1]["avg_at_n"], "eval_problems": teacher.problems,
                "trust_fraction": sum(trust) / max(len(trust), 1), "steps": result["steps"],
                "objective": cfg.objective.name, "wall_seconds": time.time() - start}
     if is_logger():
         root = os.path.dirname(cfg.tokenizer)
-        plot(cfg, os.path.join(root, "demo.png"))
+        plot(cfg, evals, os.path.join(root, "demo.png"))
         with open(os.path.join(root, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         t, s = cfg.teacher.model, cfg.student.model

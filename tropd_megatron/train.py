@@ -78,6 +78,20 @@ def say(message: str) -> None:
     sys.stderr.flush()
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(checkpoint_dir) -> dict:
+    """{step: metrics} from a run's ``metrics.jsonl``; after a resume the steps past the last
+    checkpoint appear twice, and the later record (the one the run kept) wins."""
+    by_step = {}
+    with open(os.path.join(checkpoint_dir, METRICS_FILE)) as f:
+        for line in f:
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return dict(sorted(by_step.items()))
+
+
 def _model_weights(path: str | None, what: str):
     """A checkpoint folder for ``ModelSpec.checkpoint``: a run's root (its latest) or a step folder."""
     if path is None:
@@ -170,9 +184,8 @@ class Trainer:
     def _record(self, metrics: dict, seconds: dict) -> None:
         if not is_logger():
             return
-        # every step's metrics at full precision; after a resume the steps past the last
-        # checkpoint appear again: the last line for a step is the one that counts
-        with open(os.path.join(self.cfg.checkpoint.dir, "metrics.jsonl"), "a") as f:
+        # every step's metrics at full precision (read_metrics)
+        with open(os.path.join(self.cfg.checkpoint.dir, METRICS_FILE), "a") as f:
             f.write(json.dumps({"step": self.step, **metrics, "seconds": seconds}) + "\n")
         if self.writer is not None:
             for key in SCALARS:
