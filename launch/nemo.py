@@ -18,15 +18,14 @@ import argparse
 import os
 import sys
 
-from recipes import RECIPES, get_recipe
+from recipes import get_recipe, recipe_parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_DEFAULT = 8  # GPUs per node requested for GPU recipes when --gpus-per-node is not given
 
 
 def parse(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help=f"one of: {', '.join(sorted(RECIPES))}")
+    parser = recipe_parser(__doc__)
     parser.add_argument("--executor", choices=("local", "slurm"), default="local")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, help=f"default {GPU_DEFAULT}, 0 for recipes with gpu='cpu'")
@@ -39,7 +38,6 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--time", default="04:00:00", help="Slurm time limit (default %(default)s)")
     parser.add_argument("--container-image")
     parser.add_argument("--container-mounts", default="", help="comma-separated src:dst mounts for the container")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser.parse_args(argv)
 
 
