@@ -62,7 +62,8 @@ def report(results: list, out: str, command: str, cfg) -> None:
              f"and {os.path.basename(out)}.json.", "",
              "| objective | before | " + " | ".join(f"after, seed {s}" for s in seeds) + " | after, mean ± sd |",
              "|---|---:|" + "---:|" * (len(seeds) + 1)]
-    for name in dict.fromkeys(r["variant"] for r in results):
+    variants = list(dict.fromkeys(r["variant"] for r in results))  # run order
+    for name in variants:
         runs = [r for r in results if r["variant"] == name]
         after = {r["seed"]: r["curve"][-1][1] for r in runs}
         lines.append(f"| {name} | {spread([r['curve'][0][1] for r in runs])} | "
@@ -77,7 +78,7 @@ def report(results: list, out: str, command: str, cfg) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name in dict.fromkeys(r["variant"] for r in results):
+    for name in variants:
         curves = [r["curve"] for r in results if r["variant"] == name]
         steps = [s for s, _ in curves[0]]
         ax.plot(steps, [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))], marker="o", label=name)
@@ -116,8 +117,8 @@ def main(argv=None) -> None:
                 print(f"== {name}, seed {seed}", file=sys.stderr, flush=True)
             results.append(run_one(args.root, name, seed, args.overrides))
     if dist.get_rank() == 0:
-        command = "make compare" + (f' ARGS="{" ".join(argv if argv is not None else sys.argv[1:])}"'
-                                    if (argv if argv is not None else sys.argv[1:]) else "")
+        given = sys.argv[1:] if argv is None else argv
+        command = "make compare" + (f' ARGS="{" ".join(given)}"' if given else "")
         report(results, args.out, command, base)
     dist.barrier()
 
