@@ -17,6 +17,7 @@ import sys
 
 import torch.distributed as dist
 
+from launch import run_main
 from launch.demo import TASK_HELP, tiny_configs
 from tropd_megatron.megatron import initialize
 from tropd_megatron.tasks.tiny import prepare
@@ -124,4 +125,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

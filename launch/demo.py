@@ -10,12 +10,14 @@ resumed when interrupted) -> a summary table, runs/demo/summary.json and runs/de
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from launch import run_main
 from recipes.tiny import tiny
 from tropd_megatron.run_config import apply_overrides, leaf_keys
 from tropd_megatron.evaluation.benchmark import evaluate
@@ -108,4 +110,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

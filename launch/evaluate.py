@@ -14,10 +14,11 @@ from dataclasses import replace
 
 import torch.distributed as dist
 
+from launch import run_main
 from recipes import parse_recipe_args, recipe_parser
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     parser = recipe_parser(__doc__)
     parser.add_argument("--problems", required=True, help="JSONL with a prompt and a reference answer per line")
     parser.add_argument("--samples", type=int, default=1, help="n of avg@n (1: greedy)")
@@ -33,21 +34,17 @@ def main(argv=None) -> int:
     from tropd_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint
     from tropd_megatron.megatron.inference import Generator
     from tropd_megatron.tokenizer import SentencePieceTokenizer
+    from tropd_megatron.train import model_weights
 
-    try:
-        initialize(cfg.parallel, seed=cfg.schedule.seed)
-        tokenizer = SentencePieceTokenizer(cfg.tokenizer)
-        weights = args.weights or (cfg.checkpoint.dir if latest_checkpoint(cfg.checkpoint.dir) else cfg.student.checkpoint)
-        if weights is None:
-            raise ValueError("no weights: the run has no checkpoint and student.checkpoint is null (pass --weights)")
-        model = build_gpt(cfg.student.model, cfg.parallel, frozen=True)
-        path = latest_checkpoint(weights) or weights
-        load_checkpoint(path, model)
-        problems = load_problems(replace(cfg.data, path=args.problems), tokenizer.encode, args.max_problems)
-    except (ValueError, FileNotFoundError) as e:
-        if dist.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+    initialize(cfg.parallel, seed=cfg.schedule.seed)
+    tokenizer = SentencePieceTokenizer(cfg.tokenizer)
+    weights = args.weights or (cfg.checkpoint.dir if latest_checkpoint(cfg.checkpoint.dir) else cfg.student.checkpoint)
+    if weights is None:
+        raise ValueError("no weights: the run has no checkpoint and student.checkpoint is null (pass --weights)")
+    model = build_gpt(cfg.student.model, cfg.parallel, frozen=True)
+    path = model_weights(weights, "student")
+    load_checkpoint(path, model)
+    problems = load_problems(replace(cfg.data, path=args.problems), tokenizer.encode, args.max_problems)
     generator = Generator(model, cfg.student.model, eos_id=tokenizer.eos_id,
                           max_batch_size=cfg.rollout.generation_batch_size)
     result = evaluate(generator, problems, tokenizer.decode, samples=args.samples, temperature=args.temperature,
@@ -55,8 +52,7 @@ def main(argv=None) -> int:
                       results_path=args.results)
     if dist.get_rank() == 0:
         print(json.dumps({"weights": str(path), "problems_file": args.problems, **result.as_dict()}), flush=True)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -9,6 +9,7 @@ Overrides are dotted ``key=value`` pairs on the recipe's RunConfig. Exit codes: 
 import os
 import sys
 
+from launch import run_main
 from recipes import parse_recipe_args, recipe_parser
 
 
@@ -27,19 +28,12 @@ def main(argv=None) -> None:
         return
     from tropd_megatron.train import train
 
-    try:
-        if config.gpu != "cpu":  # refuse a layout that cannot fit before loading 100 GB of weights
-            from launch.plan import check_fits
+    if config.gpu != "cpu":  # refuse a layout that cannot fit before loading 100 GB of weights
+        from launch.plan import check_fits
 
-            check_fits(config, int(os.environ.get("WORLD_SIZE", 1)))
-        train(config)
-    except (ValueError, FileNotFoundError) as e:  # bad configuration or input: the message says what
-        import torch.distributed as dist
-
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        check_fits(config, int(os.environ.get("WORLD_SIZE", 1)))
+    train(config)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

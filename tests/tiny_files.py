@@ -3,7 +3,7 @@ tokenizer under a folder, with random-weight models (no SFT: tests check plumbin
 from dataclasses import replace
 
 from recipes.tiny import TEMPLATE
-from tropd_megatron.tasks.tiny import TinyTaskConfig, write_task_files
+from tropd_megatron.tasks.tiny import TinyTaskConfig, training_split, write_task_files
 
 SMALL = replace(TinyTaskConfig(), train_problems=300, eval_problems=8)
 
@@ -11,7 +11,7 @@ SMALL = replace(TinyTaskConfig(), train_problems=300, eval_problems=8)
 def make_tiny_files(root) -> list[str]:
     """Write the files under ``root``; the overrides that point the tiny recipe at them."""
     root = str(root)
-    write_task_files(root, SMALL, TEMPLATE)
+    write_task_files(root, SMALL, TEMPLATE, training_split(SMALL))
     return [f"tokenizer={root}/tokenizer.model", f"data.path={root}/prompts.jsonl", f"eval.path={root}/held_out.jsonl",
             "teacher.checkpoint=null", "student.checkpoint=null", f"checkpoint.dir={root}/run",
             f"logging.tensorboard_dir={root}/tensorboard", "schedule.prompts_per_step=4", "rollout.rollouts_per_prompt=2",

@@ -43,3 +43,14 @@ class SentencePieceTokenizer:
         tmp.write_bytes(buffer.getvalue())
         tmp.replace(path)
         return SentencePieceTokenizer(path)
+
+
+def check_tokenizer(run, tokenizer: SentencePieceTokenizer) -> None:
+    """The run's teacher and student must have the tokenizer's vocabulary size (``run`` is a
+    RunConfig); a ValueError names the keys and the value to set."""
+    for what in ("teacher", "student"):
+        model = getattr(run, what).model
+        if model.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"tokenizer={run.tokenizer} has {tokenizer.vocab_size} tokens but "
+                             f"{what}.model.vocab_size={model.vocab_size}: set {what}.model.vocab_size="
+                             f"{tokenizer.vocab_size}")

@@ -31,7 +31,7 @@ from .megatron.inference import Generator
 from .megatron.iteration import run_iteration
 from .megatron.step import any_rank
 from .run_config import RunConfig, flatten, resume_conflicts, to_yaml
-from .tokenizer import SentencePieceTokenizer
+from .tokenizer import SentencePieceTokenizer, check_tokenizer
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; run again to resume
 SCALARS = ("loss", "trust_fraction", "kl_k3", "response_length", "stopped_fraction", "prefixed_fraction",
@@ -92,7 +92,7 @@ def read_metrics(checkpoint_dir) -> dict:
     return dict(sorted(by_step.items()))
 
 
-def _model_weights(path: str | None, what: str):
+def model_weights(path: str | None, what: str):
     """A checkpoint folder for ``ModelSpec.checkpoint``: a run's root (its latest) or a step folder."""
     if path is None:
         log(f"WARNING: {what}.checkpoint is null: {what} has RANDOM weights (acceptable for smoke tests only)")
@@ -103,14 +103,6 @@ def _model_weights(path: str | None, what: str):
     return latest_checkpoint(root) or root
 
 
-def _check_tokenizer(cfg: RunConfig, tokenizer: SentencePieceTokenizer) -> None:
-    for what in ("teacher", "student"):
-        model = getattr(cfg, what).model
-        if model.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"tokenizer={cfg.tokenizer} has {tokenizer.vocab_size} tokens but "
-                             f"{what}.model.vocab_size={model.vocab_size}")
-
-
 class Trainer:
     """Everything a run holds; ``run()`` trains to ``schedule.steps``."""
 
@@ -119,9 +111,9 @@ class Trainer:
         initialize(cfg.parallel, seed=cfg.schedule.seed)
         check_vocab(cfg.student.model, cfg.teacher.model)
         self.tokenizer = SentencePieceTokenizer(cfg.tokenizer)
-        _check_tokenizer(cfg, self.tokenizer)
+        check_tokenizer(cfg, self.tokenizer)
         self.teacher = build_gpt(cfg.teacher.model, cfg.parallel, frozen=True)
-        weights = _model_weights(cfg.teacher.checkpoint, "teacher")
+        weights = model_weights(cfg.teacher.checkpoint, "teacher")
         if weights is not None:
             load_checkpoint(weights, self.teacher)
         self.student = build_student(cfg.student.model, cfg.parallel, cfg.optim, cfg.schedule.steps)
@@ -140,7 +132,7 @@ class Trainer:
             self.history = meta["trainer"]["history"]
             log(f"resumed from {resume} at step {self.step}")
         else:
-            weights = _model_weights(cfg.student.checkpoint, "student")
+            weights = model_weights(cfg.student.checkpoint, "student")
             if weights is not None:
                 load_checkpoint(weights, self.student.model.module)
         if dist.get_rank() == 0:  # after the resume check: a refused run leaves the folder as it was

@@ -21,7 +21,7 @@ from ..losses import SFTConfig
 from ..megatron import ModelConfig, OptimConfig, ParallelConfig, build_student, train_step
 from ..megatron.checkpoint import checkpoint_metadata, latest_checkpoint, save_checkpoint
 from ..megatron.rollout import Rollout, to_microbatches
-from ..tokenizer import SentencePieceTokenizer
+from ..tokenizer import SentencePieceTokenizer, check_tokenizer
 from .arithmetic import ArithmeticConfig, Problem, make_split
 
 
@@ -45,10 +45,9 @@ def _write_jsonl(path: str, problems: list[Problem]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def write_task_files(root: str, cfg: TinyTaskConfig, template: str) -> list[Problem]:
+def write_task_files(root: str, cfg: TinyTaskConfig, template: str, train: list[Problem]) -> None:
     """Write the prompt files and tokenizer under ``root`` unless present (the tokenizer, written
-    last, marks a finished preparation); returns the training problems. Call on one process."""
-    train = make_split(cfg.train_problems, cfg.seed, cfg.task)
+    last, marks a finished preparation); ``train`` is the training split. Call on one process."""
     if not os.path.exists(os.path.join(root, "tokenizer.model")):
         os.makedirs(root, exist_ok=True)
         held_out = make_split(cfg.eval_problems, cfg.seed + 1, cfg.task, frozenset(p.question for p in train))
@@ -56,7 +55,10 @@ def write_task_files(root: str, cfg: TinyTaskConfig, template: str) -> list[Prob
         _write_jsonl(os.path.join(root, "held_out.jsonl"), held_out)
         SentencePieceTokenizer.train([f"{template.format(prompt=p.question)} {p.solution}" for p in train],
                                      os.path.join(root, "tokenizer.model"), cfg.vocab_size)
-    return train
+
+
+def training_split(cfg: TinyTaskConfig) -> list[Problem]:
+    return make_split(cfg.train_problems, cfg.seed, cfg.task)
 
 
 def _supervised(student, train: list[Problem], tok, template: str, cfg: TinyTaskConfig, steps: int, what: str) -> None:
@@ -96,15 +98,12 @@ def supervised_model(path: str, model: ModelConfig, parallel: ParallelConfig, tr
 def prepare(run, cfg: TinyTaskConfig) -> None:
     """Everything the ``tiny`` recipe's RunConfig ``run`` names, made where missing (collective;
     model parallelism must be initialised)."""
-    root = os.path.dirname(run.tokenizer)
     template = run.data.chat_template
+    train = training_split(cfg)
     if dist.get_rank() == 0:
-        write_task_files(root, cfg, template)
+        write_task_files(os.path.dirname(run.tokenizer), cfg, template, train)
     dist.barrier()
-    train = make_split(cfg.train_problems, cfg.seed, cfg.task)
     tok = SentencePieceTokenizer(run.tokenizer)
-    if tok.vocab_size != run.student.model.vocab_size:
-        raise SystemExit(f"{run.tokenizer} has {tok.vocab_size} tokens; the recipe's models expect "
-                         f"{run.student.model.vocab_size}: set teacher/student.model.vocab_size={tok.vocab_size}")
+    check_tokenizer(run, tok)
     for spec, steps in ((run.teacher, cfg.teacher_sft_steps), (run.student, cfg.student_sft_steps)):
         supervised_model(spec.checkpoint, spec.model, run.parallel, train, tok, template, cfg, steps)
