@@ -22,7 +22,9 @@ class ModelConfig:
     num_query_groups: int | None = None  # None: multi-head attention
     kv_channels: int | None = None  # per-head size; None: hidden_size / num_attention_heads
     padded_vocab_size: int | None = None  # embedding rows (>= vocab_size); None: vocab_size
-    rotary_base: int = 10000
+    rotary_base: float = 10000
+    rope_scaling_factor: float | None = None  # Llama 3.1-style RoPE scaling (Megatron's fixed 1 / 4 / 8192)
+    norm_epsilon: float = 1e-5
     normalization: str = "RMSNorm"
     swiglu: bool = True
     untie_embeddings: bool = True

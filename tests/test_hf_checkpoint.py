@@ -1,0 +1,148 @@
+"""Hugging Face checkpoints in and out: Megatron logits equal transformers' at TP = 1 and 2
+(Llama 3 with Llama 3.1 RoPE scaling, Qwen2 with qkv biases and tied embeddings, Qwen3 with
+q/k norms and a head size that is not hidden / heads); export then import is bitwise at
+TP = 2 and PP = 2; padded embedding rows load and export by token id."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distributed import run_workers
+from hf_models import VOCAB, hf_logits, hf_model
+
+pytest.importorskip("megatron.core")
+pytest.importorskip("transformers")
+
+from tropd_megatron.megatron import ParallelConfig, build_gpt, initialize  # noqa: E402
+from tropd_megatron.megatron.hf_checkpoint import (  # noqa: E402
+    export_hf, load_hf_weights, model_config_from_hf,
+)
+from tropd_megatron.megatron.step import MicroBatch  # noqa: E402
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+# fp32 on both sides, logits of order 5: the two implementations sum in different orders
+# (measured: at most 5e-6); a wrong detail such as dropping Llama 3.1's RoPE scaling gives 0.2
+ATOL = 5e-5
+
+
+def tokens():
+    return torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(7))
+
+
+def _megatron_logits(rank, world, folders, tp, rows):
+    initialize(ParallelConfig(tensor=tp))
+    from megatron.core import parallel_state
+
+    out = {}
+    for family, folder in folders.items():
+        config = model_config_from_hf(folder, vocab_size=VOCAB)
+        if rows:
+            config.padded_vocab_size = rows
+        gpt = build_gpt(config, ParallelConfig(tensor=tp), frozen=True)
+        load_hf_weights(gpt, config, folder)
+        t = tokens()
+        mb = MicroBatch(tokens=t, labels=t, loss_mask=torch.ones_like(t, dtype=torch.float))
+        with torch.no_grad():
+            shard = gpt(*mb.model_inputs())
+        parts = [torch.empty_like(shard) for _ in range(tp)]
+        torch.distributed.all_gather(parts, shard.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+        out[family] = torch.cat(parts, dim=-1)
+    return out
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_megatron_logits_equal_transformers(tmp_path, tp):
+    folders, expected = {}, {}
+    for i, family in enumerate(FAMILIES):
+        folders[family] = str(tmp_path / family)
+        model = hf_model(family, folders[family], seed=i)
+        expected[family] = hf_logits(model, tokens()).numpy()
+    got = run_workers(_megatron_logits, tp, folders, tp, None, timeout=180)[0]
+    for family in FAMILIES:
+        assert got[family].shape == expected[family].shape
+        np.testing.assert_allclose(got[family], expected[family], atol=ATOL, rtol=0, err_msg=family)
+
+
+@pytest.mark.timeout(240)
+def test_padded_checkpoint_rows_load_by_token_id(tmp_path):
+    """A 72-row checkpoint (60 real tokens) in a 64-row model, and a 60-row one in a 72-row
+    model: the real tokens' logits are transformers', the padding rows are -inf."""
+    padded, unpadded = str(tmp_path / "padded"), str(tmp_path / "unpadded")
+    expected = {"padded": hf_logits(hf_model("qwen2", padded, rows=72), tokens())[..., :VOCAB].numpy(),
+                "unpadded": hf_logits(hf_model("llama", unpadded, rows=VOCAB, seed=1), tokens()).numpy()}
+    got_small = run_workers(_megatron_logits, 2, {"padded": padded}, 2, 64, timeout=180)[0]
+    got_large = run_workers(_megatron_logits, 2, {"unpadded": unpadded}, 2, 72, timeout=180)[0]
+    for name, got, rows in (("padded", got_small, 64), ("unpadded", got_large, 72)):
+        assert got[name].shape[-1] == rows
+        np.testing.assert_allclose(got[name][..., :VOCAB], expected[name], atol=ATOL, rtol=0, err_msg=name)
+        assert np.isneginf(got[name][..., VOCAB:]).all()
+
+
+def _round_trip(rank, world, source, first, second, tp, pp):
+    """source -> Megatron -> ``first`` -> a fresh Megatron model -> ``second``; and the
+    parameters of both Megatron models."""
+    parallel = ParallelConfig(tensor=tp, pipeline=pp)
+    initialize(parallel)
+    config = model_config_from_hf(source, vocab_size=VOCAB)
+    config.padded_vocab_size = 64  # the source has 72 rows
+    states = []
+    for seed, (read, write) in enumerate(((source, first), (first, second))):
+        torch.manual_seed(100 + seed)  # different random init each time: the load must overwrite all
+        gpt = build_gpt(config, parallel, frozen=True)
+        load_hf_weights(gpt, config, read)
+        export_hf(gpt, config, write, source=read)
+        states.append({k: v.clone() for k, v in gpt.state_dict().items() if torch.is_tensor(v) and "extra_state" not in k})
+    return {k: bool(torch.equal(states[0][k], states[1][k])) for k in states[0]}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family,tp,pp", [("qwen3", 2, 1), ("llama", 1, 2), ("qwen2", 1, 2)])
+def test_export_then_import_is_bitwise(tmp_path, family, tp, pp):
+    import transformers
+    from safetensors.torch import load_file
+
+    source = tmp_path / "source"
+    model = hf_model(family, source, rows=72)
+    (source / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))  # kept by the export
+    first, second = tmp_path / "first", tmp_path / "second"
+    same = run_workers(_round_trip, tp * pp, str(source), str(first), str(second), tp, pp, timeout=240)
+    for rank_result in same:
+        assert rank_result and all(rank_result.values()), rank_result
+
+    def tensors(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    original, exported, again = tensors(source), tensors(first), tensors(second)
+    assert sorted(original) == sorted(exported) == sorted(again)
+    for name in original:  # every row, padding included: the model (64 rows) kept rows 60..63, zeros after
+        if original[name].shape[0] == 72:
+            assert torch.equal(exported[name][:64], original[name][:64]) and not exported[name][64:].any(), name
+        else:
+            assert torch.equal(exported[name], original[name]), name
+        assert torch.equal(again[name], exported[name]), name
+    if pp > 1:
+        assert json.loads((first / "model.safetensors.index.json").read_text())["weight_map"]
+    assert json.loads((first / "tokenizer_config.json").read_text()) == {"model_max_length": 64}
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(first)
+    np.testing.assert_allclose(hf_logits(reloaded, tokens())[..., :VOCAB], hf_logits(model, tokens())[..., :VOCAB],
+                               atol=0, rtol=0)
+
+
+def test_unsupported_family_and_features_are_named(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral", "vocab_size": 60}))
+    with pytest.raises(ValueError, match=r"config.json: model_type 'mistral' is not supported; supported families: "
+                                         r"llama, qwen2, qwen3"):
+        model_config_from_hf(folder)
+    hf_model("llama", folder, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    with pytest.raises(ValueError, match="rope scaling .*yarn.* is not supported"):
+        model_config_from_hf(folder)
+    (folder / "config.json").write_text('{"model_type": "llama",\n "vocab_size": 60,,}')
+    with pytest.raises(ValueError, match=r"config.json:2: malformed JSON"):
+        model_config_from_hf(folder)
