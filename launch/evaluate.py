@@ -4,7 +4,8 @@
         --samples 4 --results runs/demo/eval_avg4.jsonl [key=value ...]
 
 The weights are the run's latest checkpoint (``checkpoint.dir``) when it has one, else the
-recipe's ``student.checkpoint``; ``--weights DIR`` names another. Prompts get the recipe's
+recipe's ``student.checkpoint``; ``--weights DIR`` names another (a Megatron checkpoint or a
+Hugging Face folder). Prompts get the recipe's
 chat template (``data.*`` settings, e.g. ``data.prompt_field=problem``). Prints avg@n and pass@n;
 the results file holds every sample with its extracted answer and verdict.
 """
@@ -31,21 +32,22 @@ def main(argv=None) -> None:
 
     from tropd_megatron.evaluation.benchmark import evaluate, load_problems
     from tropd_megatron.megatron import build_gpt, initialize
-    from tropd_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint
+    from tropd_megatron.megatron.checkpoint import latest_checkpoint
     from tropd_megatron.megatron.inference import Generator
-    from tropd_megatron.tokenizer import SentencePieceTokenizer
-    from tropd_megatron.train import model_weights
+    from tropd_megatron.tokenizer import load_tokenizer, prompt_encoder
+    from tropd_megatron.train import load_weights, run_models
 
     initialize(cfg.parallel, seed=cfg.schedule.seed)
-    tokenizer = SentencePieceTokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     weights = args.weights or (cfg.checkpoint.dir if latest_checkpoint(cfg.checkpoint.dir) else cfg.student.checkpoint)
     if weights is None:
         raise ValueError("no weights: the run has no checkpoint and student.checkpoint is null (pass --weights)")
-    model = build_gpt(cfg.student.model, cfg.parallel, frozen=True)
-    path = model_weights(weights, "student")
-    load_checkpoint(path, model)
-    problems = load_problems(replace(cfg.data, path=args.problems), tokenizer.encode, args.max_problems)
-    generator = Generator(model, cfg.student.model, eos_id=tokenizer.eos_id,
+    student_model, _ = run_models(cfg)
+    model = build_gpt(student_model, cfg.parallel, frozen=True)
+    path = load_weights(weights, model, student_model, "student")
+    problems = load_problems(replace(cfg.data, path=args.problems), prompt_encoder(tokenizer, cfg.data.chat_template),
+                             args.max_problems)
+    generator = Generator(model, student_model, eos_id=tokenizer.eos_id,
                           max_batch_size=cfg.rollout.generation_batch_size)
     result = evaluate(generator, problems, tokenizer.decode, samples=args.samples, temperature=args.temperature,
                       max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens, seed=cfg.schedule.seed,

@@ -7,6 +7,7 @@ loaded at every TP / PP layout.
 """
 import os
 import signal
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -24,8 +25,8 @@ from tropd_megatron.megatron import (  # noqa: E402
     ParallelConfig,
     build_gpt,
     build_student,
-    check_vocab,
     initialize,
+    shared_vocabulary_rows,
     train_step,
 )
 from tropd_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
@@ -240,8 +241,11 @@ def test_teacher_student_vocabulary_mismatch_is_refused():
     other = ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=4, ffn_hidden_size=96, vocab_size=61,
                         padded_vocab_size=64, max_sequence_length=16)
     with pytest.raises(ValueError, match=r"teacher vocabulary \(61 tokens\) differs from the student's \(60 tokens\)"):
-        check_vocab(STUDENT, other)
-    check_vocab(STUDENT, TEACHER)
+        shared_vocabulary_rows(STUDENT, other, 1)
+    # a padded teacher with an unpadded student: both get the teacher's rows, rounded up to the TP size
+    student, teacher = shared_vocabulary_rows(replace(STUDENT, padded_vocab_size=None),
+                                              replace(TEACHER, padded_vocab_size=66), 4)
+    assert (student.embedding_rows, teacher.embedding_rows, student.vocab_size) == (68, 68, VOCAB)
 
 
 def test_layouts_that_cannot_work_are_refused():

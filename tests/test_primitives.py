@@ -16,6 +16,7 @@ from tropd_megatron.losses import (
     kl_estimators,
     log_softmax,
     log_softmax_stats,
+    swap_token_logits,
     topk_forward_kl,
     vocab_parallel_topk,
 )
@@ -216,3 +217,19 @@ def test_kl_estimators_are_unbiased_in_exact_expectation():
     _close((lp.exp() * k1).sum(-1).numpy(), kl.numpy(), "k1", rtol=1e-12, atol=1e-12)
     _close((lp.exp() * k3).sum(-1).numpy(), kl.numpy(), "k3", rtol=1e-12, atol=1e-12)
     assert (k2 >= 0).all() and (k3 >= 0).all()
+
+
+def _swap_worker(rank, world, logits, pairs):
+    local = shard(logits, rank, world)
+    return [swap_token_logits(local, a, b, tp_group=dist.group.WORLD if world > 1 else None) for a, b in pairs]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_swap_token_logits_exchanges_two_columns_across_shards(tp):
+    logits = make_data()["student"]
+    pairs = [(1, 40), (3, 5), (7, 7)]  # on different shards at TP > 1, on one shard, the same id
+    got = run_workers(_swap_worker, tp, logits, pairs)
+    for i, (a, b) in enumerate(pairs):
+        expected = logits.clone()
+        expected[..., [a, b]] = logits[..., [b, a]]
+        np.testing.assert_array_equal(unshard([r[i] for r in got]), expected.numpy())

@@ -12,7 +12,7 @@ pytest.importorskip("megatron.core")
 
 from tropd_megatron.losses import TrOPDConfig  # noqa: E402
 from tropd_megatron.megatron import ModelConfig, OptimConfig, ParallelConfig, build_gpt, build_student, initialize  # noqa: E402
-from tropd_megatron.megatron.inference import Generator, SamplingConfig  # noqa: E402
+from tropd_megatron.megatron.inference import Generation, Generator, SamplingConfig  # noqa: E402
 from tropd_megatron.megatron.iteration import run_iteration  # noqa: E402
 from tropd_megatron.megatron.rollout import Rollout, RolloutConfig, collect_rollouts, to_microbatches  # noqa: E402
 
@@ -31,7 +31,8 @@ def write_jsonl(path, lines):
 def test_prompt_stream_shuffles_reproducibly_and_resumes(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"q": f"prompt {i}", "a": str(i)}) for i in range(7)] + [""])
     config = PromptDataConfig(path, prompt_field="q", answer_field="a", chat_template="User: {prompt}\nA:", seed=3)
-    a, b = PromptStream(config, tokenize), PromptStream(config, tokenize)
+    chat = lambda text: tokenize(config.chat_template.format(prompt=text))  # noqa: E731
+    a, b = PromptStream(config, chat), PromptStream(config, chat)
     first = [p.index for p in a.next_batch(5)]
     assert first == [p.index for p in b.next_batch(5)]
     assert a.prompts[0].token_ids == tokenize("User: prompt 0\nA:") and a.prompts[3].answer == "3"
@@ -94,6 +95,30 @@ def test_prefix_schedule_decays_linearly():
     assert config.prefix_schedule(100, 100) == (0.0, 2)
     with pytest.raises(ValueError, match="prefix_share_start=1.5"):
         RolloutConfig(prefix_share_start=1.5)
+
+
+class ScriptedGenerator:
+    """A Generator stand-in: continues any prompt with ``script`` (cut to the token budget)."""
+
+    def __init__(self, eos_id, script):
+        self.eos_id, self.script = eos_id, script
+
+    def generate(self, prompts, sampling, *, seed=0):
+        out = [self.script[: sampling.max_new_tokens] for _ in prompts]
+        return [Generation(t, [0.0] * len(t), bool(t) and t[-1] == self.eos_id) for t in out]
+
+
+@pytest.mark.parametrize("teacher_script, prefix, continued", [
+    ([7, 8, 5], [7, 8, 1], False),  # the teacher ended its turn: its end token (5) becomes the student's (1)
+    ([7, 8, 9, 5], [7, 8, 9], True),  # cut at 3 tokens: the student continues
+])
+def test_teacher_prefix_end_token_is_the_students(teacher_script, prefix, continued):
+    config = RolloutConfig(SamplingConfig(max_new_tokens=6), rollouts_per_prompt=1, prefix_share_start=1.0,
+                           prefix_share_end=1.0, prefix_tokens_start=3, prefix_tokens_end=3)
+    student, teacher = ScriptedGenerator(1, [4, 1]), ScriptedGenerator(5, teacher_script)
+    (rollout,) = collect_rollouts(student, teacher, [[2, 3]], config, step=0, total_steps=1, seed=0)
+    assert rollout.prefix == prefix and rollout.stopped
+    assert rollout.continuation == ([4, 1] if continued else [])
 
 
 STUDENT = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,

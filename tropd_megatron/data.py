@@ -13,7 +13,8 @@ class PromptDataConfig:
     path: str
     prompt_field: str = "prompt"
     answer_field: Optional[str] = "answer"  # kept for evaluation; may be absent from a line
-    chat_template: str = "{prompt}"  # str.format template with {prompt}
+    # a str.format template with {prompt}, or "tokenizer": the Hugging Face tokenizer's chat template
+    chat_template: str = "{prompt}"
     max_prompt_tokens: int = 512
     seed: int = 0
 
@@ -35,6 +36,7 @@ class PromptStream:
     """
 
     def __init__(self, config: PromptDataConfig, tokenize: Callable[[str], list]):
+        """``tokenize``: prompt text -> token ids, chat template included (tokenizer.prompt_encoder)."""
         self.config = config
         self.prompts: list[Prompt] = []
         too_long = []
@@ -54,7 +56,7 @@ class PromptStream:
                     raise ValueError(f"{where}: field {config.prompt_field!r} must be a string")
                 if not text.strip():
                     raise ValueError(f"{where}: empty prompt")
-                ids = list(tokenize(config.chat_template.format(prompt=text)))
+                ids = list(tokenize(text))
                 if len(ids) > config.max_prompt_tokens:
                     too_long.append(line_no)
                     continue

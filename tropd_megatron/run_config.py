@@ -95,7 +95,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     name: str
-    tokenizer: str  # a sentencepiece model
+    tokenizer: str  # a Hugging Face tokenizer folder or a sentencepiece model file
     teacher: ModelSpec
     student: ModelSpec
     data: PromptDataConfig
@@ -108,6 +108,9 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     gpu: str = "H100-80GB"  # what the memory planner checks the layout against
+    # the teacher's own tokenizer when its end-of-turn token differs from the student's (the
+    # vocabulary must be the same); None: the student's ``tokenizer``
+    teacher_tokenizer: Optional[str] = None
 
 
 def leaf_keys(config, prefix: str = "") -> list[str]:

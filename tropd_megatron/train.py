@@ -25,13 +25,14 @@ from tqdm import tqdm
 
 from .data import PromptStream
 from .evaluation.benchmark import evaluate, load_problems
-from .megatron import build_gpt, build_student, check_vocab, initialize
+from .megatron import build_gpt, build_student, initialize, shared_vocabulary_rows
 from .megatron.checkpoint import checkpoint_metadata, latest_checkpoint, load_checkpoint, save_checkpoint
+from .megatron.hf_checkpoint import is_hf_folder, load_hf_weights
 from .megatron.inference import Generator
 from .megatron.iteration import run_iteration
 from .megatron.step import any_rank
 from .run_config import RunConfig, flatten, resume_conflicts, to_yaml
-from .tokenizer import SentencePieceTokenizer, check_tokenizer
+from .tokenizer import check_same_vocabulary, check_tokenizer, load_tokenizer, prompt_encoder
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; run again to resume
 SCALARS = ("loss", "trust_fraction", "kl_k3", "response_length", "stopped_fraction", "prefixed_fraction",
@@ -92,15 +93,32 @@ def read_metrics(checkpoint_dir) -> dict:
     return dict(sorted(by_step.items()))
 
 
-def model_weights(path: str | None, what: str):
-    """A checkpoint folder for ``ModelSpec.checkpoint``: a run's root (its latest) or a step folder."""
+def load_weights(path: str | None, model, config, what: str) -> Path | None:
+    """Load ``ModelSpec.checkpoint`` into ``model`` (a GPTModel of ``config``): a Hugging Face
+    folder (config.json + safetensors), a run's checkpoint root (its latest) or one step folder.
+    Returns the folder read, None for random weights (``path`` None)."""
     if path is None:
         log(f"WARNING: {what}.checkpoint is null: {what} has RANDOM weights (acceptable for smoke tests only)")
         return None
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"{what}.checkpoint={path}: no such directory")
-    return latest_checkpoint(root) or root
+    if is_hf_folder(root):
+        load_hf_weights(model, config, root, what)
+        return root
+    folder = latest_checkpoint(root) or root
+    load_checkpoint(folder, model)
+    return folder
+
+
+def run_models(cfg: RunConfig):
+    """(student, teacher) ModelConfigs as built: one embedding row count (shared_vocabulary_rows)."""
+    student, teacher = shared_vocabulary_rows(cfg.student.model, cfg.teacher.model, cfg.parallel.tensor)
+    if (student.embedding_rows, teacher.embedding_rows) != (cfg.student.model.embedding_rows,
+                                                            cfg.teacher.model.embedding_rows):
+        log(f"vocabulary: {student.vocab_size} tokens; both models get {student.embedding_rows} embedding rows "
+            f"(configured: student {cfg.student.model.embedding_rows}, teacher {cfg.teacher.model.embedding_rows})")
+    return student, teacher
 
 
 class Trainer:
@@ -109,15 +127,18 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         initialize(cfg.parallel, seed=cfg.schedule.seed)
-        check_vocab(cfg.student.model, cfg.teacher.model)
-        self.tokenizer = SentencePieceTokenizer(cfg.tokenizer)
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
         check_tokenizer(cfg, self.tokenizer)
-        self.teacher = build_gpt(cfg.teacher.model, cfg.parallel, frozen=True)
-        weights = model_weights(cfg.teacher.checkpoint, "teacher")
-        if weights is not None:
-            load_checkpoint(weights, self.teacher)
-        self.student = build_student(cfg.student.model, cfg.parallel, cfg.optim, cfg.schedule.steps)
-        self.prompts = PromptStream(cfg.data, self.tokenizer.encode)
+        teacher_tokenizer = self.tokenizer
+        if cfg.teacher_tokenizer:
+            teacher_tokenizer = load_tokenizer(cfg.teacher_tokenizer)
+            check_same_vocabulary(self.tokenizer, teacher_tokenizer)
+        student_model, teacher_model = run_models(cfg)
+        self.teacher = build_gpt(teacher_model, cfg.parallel, frozen=True)
+        load_weights(cfg.teacher.checkpoint, self.teacher, teacher_model, "teacher")
+        self.student = build_student(student_model, cfg.parallel, cfg.optim, cfg.schedule.steps)
+        encode = prompt_encoder(self.tokenizer, cfg.data.chat_template)
+        self.prompts = PromptStream(cfg.data, encode)
         self.step, self.history = 0, {"eval": []}
         resume = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
         if resume is not None:
@@ -131,23 +152,21 @@ class Trainer:
             self.prompts.load_state_dict(meta["trainer"]["data"])
             self.history = meta["trainer"]["history"]
             log(f"resumed from {resume} at step {self.step}")
-        else:
-            weights = model_weights(cfg.student.checkpoint, "student")
-            if weights is not None:
-                load_checkpoint(weights, self.student.model.module)
+        elif load_weights(cfg.student.checkpoint, self.student.model.module, student_model, "student"):
+            self.student.optimizer.reload_model_params()  # bf16 / fp16: the fp32 main copies were made at init
         if dist.get_rank() == 0:  # after the resume check: a refused run leaves the folder as it was
             os.makedirs(cfg.checkpoint.dir, exist_ok=True)
             with open(os.path.join(cfg.checkpoint.dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
             say(f"run {cfg.name}: {dist.get_world_size()} processes, configuration in {cfg.checkpoint.dir}/config.yaml")
         batch = cfg.rollout.generation_batch_size
-        eos = self.tokenizer.eos_id
-        self.student_generator = Generator(self.student.model.module, cfg.student.model, eos_id=eos, max_batch_size=batch)
-        self.teacher_generator = Generator(self.teacher, cfg.teacher.model, eos_id=eos, max_batch_size=batch)
+        self.student_generator = Generator(self.student.model.module, student_model, eos_id=self.tokenizer.eos_id,
+                                           max_batch_size=batch)
+        self.teacher_generator = Generator(self.teacher, teacher_model, eos_id=teacher_tokenizer.eos_id,
+                                           max_batch_size=batch)
         self.eval_problems = None
         if cfg.eval.path:
-            self.eval_problems = load_problems(replace(cfg.data, path=cfg.eval.path), self.tokenizer.encode,
-                                               cfg.eval.max_problems)
+            self.eval_problems = load_problems(replace(cfg.data, path=cfg.eval.path), encode, cfg.eval.max_problems)
         self.writer = None
         if cfg.logging.tensorboard_dir and is_logger():
             from torch.utils.tensorboard import SummaryWriter

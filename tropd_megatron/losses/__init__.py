@@ -24,6 +24,7 @@ from .vocab import (
     gather_logprobs,
     log_softmax,
     log_softmax_stats,
+    swap_token_logits,
     vocab_parallel_topk,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "entropy",
     "gather_logprobs",
     "kl_estimators",
+    "swap_token_logits",
     "log_softmax",
     "log_softmax_stats",
     "prefix_beta",

@@ -25,6 +25,7 @@ from .collectives import (
     all_reduce_for_replicated_loss,
     all_reduce_for_shard_math,
     all_reduce_max,
+    group_size,
 )
 
 # Rows per chunk are chosen so one fp32 temporary holds about this many elements (4 MiB):
@@ -313,3 +314,27 @@ def dense_reverse_kl(
 ) -> torch.Tensor:
     """KL(p_S || p_T) per token over the full vocabulary [...], differentiable."""
     return _dense_kl(student_logits, teacher_logits, tp_group, vocab_size, reverse=True)
+
+
+@torch.no_grad()
+def swap_token_logits(logits: torch.Tensor, a: int, b: int, *, tp_group: ProcessGroup = None) -> torch.Tensor:
+    """``logits`` [..., V/TP] with the columns of token ids ``a`` and ``b`` exchanged.
+
+    Reads a teacher whose end-of-turn token (``b``) differs from the student's (``a``) in the
+    student's ids: its probability of ending the turn lands on the student's end token. The
+    two columns may sit on different shards: one all-reduce of [..., 2]. No gradient (it
+    serves the frozen teacher); a new tensor, ``logits`` is unchanged.
+    """
+    shard = VocabShard.of(logits.shape[-1], tp_group, None)
+    owned = [shard.start <= t < shard.start + shard.size for t in (a, b)]
+    columns = logits.new_zeros((*logits.shape[:-1], 2))
+    for j, t in enumerate((a, b)):
+        if owned[j]:
+            columns[..., j] = logits[..., t - shard.start]
+    if group_size(tp_group) > 1:
+        torch.distributed.all_reduce(columns, group=tp_group)
+    out = logits.clone()
+    for j, t in enumerate((a, b)):
+        if owned[j]:
+            out[..., t - shard.start] = columns[..., 1 - j]
+    return out

@@ -3,10 +3,10 @@
 Importing it needs megatron-core (the ``megatron`` extra); ``tropd_megatron.losses`` does not.
 """
 from .config import ModelConfig, OptimConfig, ParallelConfig
-from .models import build_gpt, check_vocab, initialize
+from .models import build_gpt, shared_vocabulary_rows, initialize
 from .step import MicroBatch, Student, StepResult, build_student, teacher_outputs, train_step
 
 __all__ = [
     "MicroBatch", "ModelConfig", "OptimConfig", "ParallelConfig", "StepResult", "Student",
-    "build_gpt", "build_student", "check_vocab", "initialize", "teacher_outputs", "train_step",
+    "build_gpt", "build_student", "shared_vocabulary_rows", "initialize", "teacher_outputs", "train_step",
 ]

@@ -38,8 +38,10 @@ def run_iteration(student: Student, teacher, student_generator: Generator, teach
     if isinstance(objective, DenseKLConfig):
         for mb in microbatches:
             mb.rollout_logprobs = None  # no reward term to correct
+    ends = (student_generator.eos_id, teacher_generator.eos_id)
     result = train_step(student, teacher, microbatches, objective, vocab_size=vocab_size, step=step,
-                        total_steps=total_steps, dense=isinstance(objective, DenseKLConfig))
+                        total_steps=total_steps, dense=isinstance(objective, DenseKLConfig),
+                        end_tokens=ends if ends[0] != ends[1] else None)
     generated = sum(len(r.prefix) + len(r.continuation) for r in rollouts)
     seconds = {"rollout": t1 - t0, **result.seconds}
     seconds["total"] = sum(seconds.values())

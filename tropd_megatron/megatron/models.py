@@ -1,6 +1,8 @@
 """Student and co-located frozen teacher: Megatron GPTModels on the same TP / PP groups."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -117,15 +119,16 @@ def _mask_padded_vocabulary(gpt: GPTModel, vocab_size: int) -> None:
     gpt.output_layer.register_forward_hook(hook)
 
 
-def check_vocab(student: ModelConfig, teacher: ModelConfig) -> None:
-    """Teacher and student must share the tokenizer's vocabulary (padding rows may differ)."""
+def shared_vocabulary_rows(student: ModelConfig, teacher: ModelConfig, tensor_parallel: int
+                           ) -> tuple[ModelConfig, ModelConfig]:
+    """(student, teacher) with one embedding row count: the losses compare the two models'
+    logits shard by shard, so both pad to the larger count, rounded up to a multiple of the
+    TP size (a 152064-row teacher with a 151936-row student: both get 152064 rows). Padding
+    rows are masked, so this changes no result. They must share the tokenizer's vocabulary."""
     if student.vocab_size != teacher.vocab_size:
         raise ValueError(
             f"teacher vocabulary ({teacher.vocab_size} tokens) differs from the student's "
             f"({student.vocab_size} tokens): they must share one tokenizer"
         )
-    if student.embedding_rows != teacher.embedding_rows:
-        raise ValueError(
-            f"teacher has {teacher.embedding_rows} embedding rows and the student {student.embedding_rows}: "
-            "pad both vocabularies to the same size (the loss compares logits shard by shard)"
-        )
+    rows = -(-max(student.embedding_rows, teacher.embedding_rows) // tensor_parallel) * tensor_parallel
+    return replace(student, padded_vocab_size=rows), replace(teacher, padded_vocab_size=rows)

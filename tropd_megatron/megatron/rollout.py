@@ -71,11 +71,12 @@ def collect_rollouts(student: Generator, teacher: Generator, prompts: list, conf
         ids = sorted(chosen)
         sampling = SamplingConfig(config.sampling.temperature, config.sampling.top_p, config.sampling.top_k, length)
         for i, g in zip(ids, teacher.generate([expanded[i] for i in ids], sampling, seed=seed + 7919 * step)):
-            prefixes[i] = g.tokens
+            # a finished prefix ends with the student's end token (the families' may differ)
+            prefixes[i] = g.tokens[:-1] + [student.eos_id] if g.stopped else g.tokens
     rollouts = [None] * len(expanded)
     pending = []
     for i, prompt in enumerate(expanded):
-        if prefixes[i] and prefixes[i][-1] == teacher.eos_id:  # the teacher finished the answer
+        if prefixes[i] and prefixes[i][-1] == student.eos_id:  # the teacher finished the answer
             rollouts[i] = Rollout(prompt, prefixes[i], [], [], True)
         else:
             pending.append(i)

@@ -20,7 +20,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from ..losses import ObjectiveConfig, SFTConfig, TeacherSignal, distillation_loss, reduce_metrics, supervised_loss
+from ..losses import (ObjectiveConfig, SFTConfig, TeacherSignal, distillation_loss, reduce_metrics, supervised_loss,
+                      swap_token_logits)
 from . import cpu
 from .config import ModelConfig, OptimConfig, ParallelConfig
 from .models import build_gpt
@@ -92,9 +93,11 @@ def _schedule(model, microbatches: list[MicroBatch], items: list, forward_step, 
 
 
 @torch.no_grad()
-def teacher_outputs(teacher, microbatches: list[MicroBatch], *, topk: int, dense: bool, vocab_size: int) -> list:
+def teacher_outputs(teacher, microbatches: list[MicroBatch], *, topk: int, dense: bool, vocab_size: int,
+                    end_tokens: Optional[tuple] = None) -> list:
     """Per micro-batch on the last pipeline stage: a TeacherSignal (compact) or the teacher's
-    logits shard (dense); None on other stages."""
+    logits shard (dense); None on other stages. ``end_tokens`` (student's, teacher's end-of-turn
+    id) when they differ: the teacher's logits read in the student's ids (swap_token_logits)."""
     outputs: list = []
     tp_group = parallel_state.get_tensor_model_parallel_group()
 
@@ -102,6 +105,8 @@ def teacher_outputs(teacher, microbatches: list[MicroBatch], *, topk: int, dense
         mb = next(data_iterator)
 
         def keep(logits):
+            if end_tokens is not None:
+                logits = swap_token_logits(logits, *end_tokens, tp_group=tp_group)
             outputs.append(logits.detach() if dense else TeacherSignal.from_logits(
                 logits, mb.labels, topk=topk, tp_group=tp_group, vocab_size=vocab_size))
             return logits.new_zeros(()), torch.ones((), dtype=torch.int), {}
@@ -145,12 +150,14 @@ def train_step(
     step: int,
     total_steps: int,
     dense: bool = False,
+    end_tokens: Optional[tuple] = None,
 ) -> StepResult:
-    """One optimizer step on ``microbatches``. ``teacher`` may be None with SFTConfig."""
+    """One optimizer step on ``microbatches``. ``teacher`` may be None with SFTConfig;
+    ``end_tokens``: see teacher_outputs."""
     supervised = isinstance(objective, SFTConfig)
     t0 = time.perf_counter()
     signals = [None] * len(microbatches) if supervised else teacher_outputs(
-        teacher, microbatches, topk=objective.signal_topk, dense=dense, vocab_size=vocab_size)
+        teacher, microbatches, topk=objective.signal_topk, dense=dense, vocab_size=vocab_size, end_tokens=end_tokens)
     t1 = time.perf_counter()
     tp_group = parallel_state.get_tensor_model_parallel_group()
 
