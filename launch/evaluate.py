@@ -32,19 +32,15 @@ def main(argv=None) -> None:
 
     from tropd_megatron.evaluation.benchmark import evaluate, load_problems
     from tropd_megatron.megatron import build_gpt, initialize
-    from tropd_megatron.megatron.checkpoint import latest_checkpoint
     from tropd_megatron.megatron.inference import Generator
     from tropd_megatron.tokenizer import load_tokenizer, prompt_encoder
-    from tropd_megatron.train import load_weights, run_models
+    from tropd_megatron.train import load_weights, run_models, trained_student
 
     initialize(cfg.parallel, seed=cfg.schedule.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    weights = args.weights or (cfg.checkpoint.dir if latest_checkpoint(cfg.checkpoint.dir) else cfg.student.checkpoint)
-    if weights is None:
-        raise ValueError("no weights: the run has no checkpoint and student.checkpoint is null (pass --weights)")
     student_model, _ = run_models(cfg)
     model = build_gpt(student_model, cfg.parallel, frozen=True)
-    path = load_weights(weights, model, student_model, "student")
+    path = load_weights(trained_student(cfg, args.weights), model, student_model, "student")
     problems = load_problems(replace(cfg.data, path=args.problems), prompt_encoder(tokenizer, cfg.data.chat_template),
                              args.max_problems)
     generator = Generator(model, student_model, eos_id=tokenizer.eos_id,

@@ -38,3 +38,25 @@ def hf_model(family: str, folder, *, rows: int = VOCAB, seed: int = 0, dtype=tor
 def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=tokens).logits
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}Q: {{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %} A:{% endif %}")
+
+
+def hf_tokenizer(folder, texts, *, eos_token: str = "<|im_end|>", vocab_size: int = 48):
+    """A byte-level BPE trained on ``texts`` with a chat template, saved as tokenizer.json +
+    tokenizer_config.json; the same ``texts`` give the same vocabulary whatever ``eos_token``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<|im_end|>", "<|endoftext|>"]
+    tok.train_from_iterator(list(texts), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:0]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token="<pad>",
+                                   chat_template=CHAT_TEMPLATE)
+    fast.save_pretrained(folder)
+    return fast

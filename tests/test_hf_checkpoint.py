@@ -146,3 +146,24 @@ def test_unsupported_family_and_features_are_named(tmp_path):
     (folder / "config.json").write_text('{"model_type": "llama",\n "vocab_size": 60,,}')
     with pytest.raises(ValueError, match=r"config.json:2: malformed JSON"):
         model_config_from_hf(folder)
+
+
+def _bf16_student_worker(rank, world, folder):
+    from tropd_megatron.megatron import OptimConfig, build_student
+    from tropd_megatron.train import load_student_weights
+
+    initialize(ParallelConfig())
+    config = model_config_from_hf(folder, vocab_size=VOCAB, dtype="bf16")
+    student = build_student(config, ParallelConfig(), OptimConfig(), total_steps=1)
+    load_student_weights(student, folder, config)
+    inner = student.optimizer.chained_optimizers[0] if hasattr(student.optimizer, "chained_optimizers") \
+        else student.optimizer
+    model = [p for group in inner.float16_groups for p in group]
+    main = [p for group in inner.fp32_from_float16_groups for p in group]
+    return all(torch.equal(m.to(torch.bfloat16), p) for m, p in zip(main, model)) and len(main) == len(model) > 0
+
+
+@pytest.mark.timeout(120)
+def test_bf16_student_optimizer_starts_from_the_loaded_weights(tmp_path):
+    hf_model("qwen3", tmp_path / "m", dtype=torch.bfloat16)
+    assert run_workers(_bf16_student_worker, 1, str(tmp_path / "m"), timeout=100)[0]

@@ -111,6 +111,23 @@ def load_weights(path: str | None, model, config, what: str) -> Path | None:
     return folder
 
 
+def load_student_weights(student, path: str | None, config) -> None:
+    """``load_weights`` into a student that already has its optimizer: with bf16 / fp16 the
+    optimizer's fp32 main copies were made from the initial weights and are refreshed here
+    (else the first update would start from the random initialisation)."""
+    if load_weights(path, student.model.module, config, "student"):
+        student.optimizer.reload_model_params()
+
+
+def trained_student(cfg: RunConfig, weights: str | None = None) -> str:
+    """The student weights to evaluate or export: ``weights`` when given, else the run's latest
+    checkpoint, else ``student.checkpoint``."""
+    found = weights or (cfg.checkpoint.dir if latest_checkpoint(cfg.checkpoint.dir) else cfg.student.checkpoint)
+    if found is None:
+        raise ValueError("no weights: the run has no checkpoint and student.checkpoint is null (pass --weights)")
+    return found
+
+
 def run_models(cfg: RunConfig):
     """(student, teacher) ModelConfigs as built: one embedding row count (shared_vocabulary_rows)."""
     student, teacher = shared_vocabulary_rows(cfg.student.model, cfg.teacher.model, cfg.parallel.tensor)
@@ -152,8 +169,8 @@ class Trainer:
             self.prompts.load_state_dict(meta["trainer"]["data"])
             self.history = meta["trainer"]["history"]
             log(f"resumed from {resume} at step {self.step}")
-        elif load_weights(cfg.student.checkpoint, self.student.model.module, student_model, "student"):
-            self.student.optimizer.reload_model_params()  # bf16 / fp16: the fp32 main copies were made at init
+        else:
+            load_student_weights(self.student, cfg.student.checkpoint, student_model)
         if dist.get_rank() == 0:  # after the resume check: a refused run leaves the folder as it was
             os.makedirs(cfg.checkpoint.dir, exist_ok=True)
             with open(os.path.join(cfg.checkpoint.dir, "config.yaml"), "w") as f:

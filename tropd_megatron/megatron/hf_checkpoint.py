@@ -329,12 +329,13 @@ def _full_tensors(shards: list, entry: _Param, config: ModelConfig, vocab_rows: 
 
 
 @torch.no_grad()
-def export_hf(gpt, config: ModelConfig, out, source=None) -> Path:
+def export_hf(gpt, config: ModelConfig, out, source=None, tokenizer=None) -> Path:
     """Write ``gpt`` as a Hugging Face folder at ``out``; collective over every rank.
 
     ``source``: the Hugging Face folder the model came from; its config.json (with the
     settings this code does not model), generation config and tokenizer files are kept, and
-    its embedding row count is written back. Without it config.json is built from ``config``.
+    its embedding row count is written back. Without it config.json is built from ``config``
+    and the tokenizer files are copied from the ``tokenizer`` folder when one is given.
     One safetensors file per pipeline stage, written by that stage's first TP / DP rank, into
     a temporary folder renamed to ``out`` when complete: an interrupted export leaves no
     half-written ``out``.
@@ -370,7 +371,7 @@ def export_hf(gpt, config: ModelConfig, out, source=None) -> Path:
     names = [None] * dist.get_world_size()
     dist.all_gather_object(names, (file, sorted(tensors)) if writer else None)
     if dist.get_rank() == 0:
-        _write_metadata(partial, config, hf, vocab_rows, source, [n for n in names if n is not None])
+        _write_metadata(partial, config, hf, vocab_rows, source, tokenizer, [n for n in names if n is not None])
         if out.exists():
             shutil.rmtree(out)
         os.rename(partial, out)
@@ -378,7 +379,11 @@ def export_hf(gpt, config: ModelConfig, out, source=None) -> Path:
     return out
 
 
-def _write_metadata(folder: Path, config: ModelConfig, hf: dict | None, vocab_rows: int, source, files) -> None:
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "vocab", "merges", "added_tokens")
+
+
+def _write_metadata(folder: Path, config: ModelConfig, hf: dict | None, vocab_rows: int, source, tokenizer,
+                    files) -> None:
     if len(files) > 1:
         weight_map = {name: file for file, names in files for name in names}
         (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))},
@@ -386,6 +391,10 @@ def _write_metadata(folder: Path, config: ModelConfig, hf: dict | None, vocab_ro
     if source:
         for item in Path(source).iterdir():  # tokenizer, generation config, chat template, ...
             if item.is_file() and item.suffix != ".safetensors" and item.name not in (INDEX, CONFIG):
+                shutil.copy2(item, folder / item.name)
+    elif tokenizer and Path(tokenizer).is_dir():
+        for item in Path(tokenizer).iterdir():
+            if item.is_file() and item.name.startswith(TOKENIZER_FILES):
                 shutil.copy2(item, folder / item.name)
     config_json = dict(hf or hf_config(config, vocab_rows))
     config_json["torch_dtype"] = DTYPE_NAMES[config.dtype]
