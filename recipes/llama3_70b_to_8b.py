@@ -1,10 +1,13 @@
-"""Llama-3 70B teacher -> Llama-3 8B student on 8-GPU nodes (H100 80GB).
+"""Llama 3.3 70B Instruct teacher -> Llama 3.1 8B Instruct student on 8-GPU nodes (H100 80GB).
 
 Teacher and student are co-located on the same TP = 8 groups (the 70B teacher takes 17.6 GB
 of bf16 weights per GPU); data parallelism spans the nodes, and the distributed optimizer
 shards the student's fp32 state over it. Paper-like schedule: 200 steps, lr 5e-6,
-128 prompts x 4 rollouts a step. Paths are placeholders for the cluster's files (override
-them, e.g. ``data.path=/lustre/prompts.jsonl``).
+128 prompts x 4 rollouts a step. Both models load straight from their Hugging Face folders
+(``huggingface-cli download meta-llama/Llama-3.3-70B-Instruct --local-dir ROOT/...``); prompts
+get the tokenizer's chat template. Paths are placeholders for the cluster's files (override
+them, e.g. ``data.path=/lustre/prompts.jsonl``; a fine-tuned student:
+``student.checkpoint=/lustre/my-sft-llama``).
 """
 from dataclasses import replace
 
@@ -17,17 +20,14 @@ from tropd_megatron.run_config import (CheckpointConfig, EvalConfig, LoggingConf
 
 from .models import llama3_8b, llama3_70b
 
-LLAMA3_CHAT = ("<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
-               "<|start_header_id|>assistant<|end_header_id|>\n\n")
-
 
 def llama3_70b_to_8b(root: str = "/checkpoints/tropd") -> RunConfig:
     return RunConfig(
         name="llama3_70b_to_8b",
-        tokenizer=f"{root}/llama3/tokenizer.model",
-        teacher=ModelSpec(llama3_70b(), checkpoint=f"{root}/llama3-70b-instruct-megatron"),
-        student=ModelSpec(replace(llama3_8b(), recompute="selective"), checkpoint=f"{root}/llama3-8b-sft-megatron"),
-        data=PromptDataConfig(f"{root}/data/prompts.jsonl", chat_template=LLAMA3_CHAT, max_prompt_tokens=1024),
+        tokenizer=f"{root}/Llama-3.1-8B-Instruct",
+        teacher=ModelSpec(llama3_70b(), checkpoint=f"{root}/Llama-3.3-70B-Instruct"),
+        student=ModelSpec(replace(llama3_8b(), recompute="selective"), checkpoint=f"{root}/Llama-3.1-8B-Instruct"),
+        data=PromptDataConfig(f"{root}/data/prompts.jsonl", chat_template="tokenizer", max_prompt_tokens=1024),
         parallel=ParallelConfig(tensor=8),
         rollout=RolloutConfig(SamplingConfig(max_new_tokens=7168), rollouts_per_prompt=4, micro_batch_size=1,
                               generation_batch_size=16,

@@ -1,6 +1,9 @@
 """The TrOPD paper's setting: a Qwen3 8B-class teacher -> a Qwen3 1.7B student, 200 steps,
 lr 5e-6, 128 prompts x 4 rollouts, up to 8k generated tokens, top-k 64, teacher-prefix
-guidance decaying over training. One 8-GPU node at TP = 2 (DP = 4). Paths are placeholders."""
+guidance decaying over training. One 8-GPU node at TP = 2 (DP = 4). Both models load from
+their Hugging Face folders (Qwen/Qwen3-8B, Qwen/Qwen3-1.7B; the paper's student is an SFT
+model: ``student.checkpoint=...``); prompts get the tokenizer's chat template. Paths are
+placeholders."""
 from dataclasses import replace
 
 from tropd_megatron.data import PromptDataConfig
@@ -12,16 +15,14 @@ from tropd_megatron.run_config import (CheckpointConfig, EvalConfig, LoggingConf
 
 from .models import qwen3_1p7b, qwen3_8b
 
-QWEN_CHAT = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-
 
 def qwen3_8b_to_1p7b(root: str = "/checkpoints/tropd") -> RunConfig:
     return RunConfig(
         name="qwen3_8b_to_1p7b",
-        tokenizer=f"{root}/qwen3/tokenizer.model",
-        teacher=ModelSpec(qwen3_8b(), checkpoint=f"{root}/qwen3-8b-megatron"),
-        student=ModelSpec(replace(qwen3_1p7b(), recompute="selective"), checkpoint=f"{root}/qwen3-1.7b-sft-megatron"),
-        data=PromptDataConfig(f"{root}/data/math_prompts.jsonl", chat_template=QWEN_CHAT, max_prompt_tokens=1024),
+        tokenizer=f"{root}/Qwen3-1.7B",
+        teacher=ModelSpec(qwen3_8b(), checkpoint=f"{root}/Qwen3-8B"),
+        student=ModelSpec(replace(qwen3_1p7b(), recompute="selective"), checkpoint=f"{root}/Qwen3-1.7B"),
+        data=PromptDataConfig(f"{root}/data/math_prompts.jsonl", chat_template="tokenizer", max_prompt_tokens=1024),
         parallel=ParallelConfig(tensor=2),
         rollout=RolloutConfig(SamplingConfig(max_new_tokens=8192), rollouts_per_prompt=4, micro_batch_size=1,
                               generation_batch_size=16,

@@ -167,3 +167,36 @@ def _bf16_student_worker(rank, world, folder):
 def test_bf16_student_optimizer_starts_from_the_loaded_weights(tmp_path):
     hf_model("qwen3", tmp_path / "m", dtype=torch.bfloat16)
     assert run_workers(_bf16_student_worker, 1, str(tmp_path / "m"), timeout=100)[0]
+
+
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+# the shape keys of the published config.json files
+PUBLISHED = {
+    "llama3_70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE,
+                       rms_norm_eps=1e-5, vocab_size=128256, tie_word_embeddings=False, hidden_act="silu"),
+    "llama3_8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE,
+                      rms_norm_eps=1e-5, vocab_size=128256, tie_word_embeddings=False, hidden_act="silu"),
+    "qwen3_8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1000000,
+                     rms_norm_eps=1e-6, vocab_size=151936, tie_word_embeddings=False, hidden_act="silu"),
+    "qwen3_1p7b": dict(model_type="qwen3", hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1000000,
+                       rms_norm_eps=1e-6, vocab_size=151936, tie_word_embeddings=True, hidden_act="silu"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_recipe_models_match_the_published_configs(tmp_path, name):
+    import recipes.models
+    from tropd_megatron.megatron.hf_checkpoint import check_matches
+
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED[name]))
+    model = getattr(recipes.models, name)()
+    check_matches(model, tmp_path, "teacher")
+    wrong = dict(PUBLISHED[name], num_key_value_heads=4)
+    (tmp_path / "config.json").write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match=r"teacher.model.num_query_groups=8 but the checkpoint has 4"):
+        check_matches(model, tmp_path, "teacher")

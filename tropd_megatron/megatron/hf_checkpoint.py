@@ -110,8 +110,9 @@ def model_config_from_hf(folder, *, vocab_size: int | None = None, max_sequence_
     )
 
 
-# settings that describe the run rather than the weights
-_RUN_SETTINGS = {"vocab_size", "padded_vocab_size", "max_sequence_length", "init_method_std", "dtype", "recompute"}
+# settings that describe the run rather than the weights; kv_channels is compared as head_dim
+_NOT_COMPARED = {"vocab_size", "padded_vocab_size", "max_sequence_length", "init_method_std", "dtype", "recompute",
+                 "kv_channels"}
 
 
 def check_matches(config: ModelConfig, folder, what: str) -> None:
@@ -119,7 +120,7 @@ def check_matches(config: ModelConfig, folder, what: str) -> None:
     found = model_config_from_hf(folder, vocab_size=config.vocab_size)
     wrong = [f"{what}.model.{f.name}={getattr(config, f.name)!r} but the checkpoint has {getattr(found, f.name)!r}"
              for f in fields(ModelConfig)
-             if f.name not in _RUN_SETTINGS and getattr(config, f.name) != getattr(found, f.name)]
+             if f.name not in _NOT_COMPARED and getattr(config, f.name) != getattr(found, f.name)]
     if config.head_dim != found.head_dim:
         wrong.append(f"{what}.model head size {config.head_dim} but the checkpoint has {found.head_dim}")
     if wrong:
