@@ -200,3 +200,20 @@ def test_recipe_models_match_the_published_configs(tmp_path, name):
     (tmp_path / "config.json").write_text(json.dumps(wrong))
     with pytest.raises(ValueError, match=r"teacher.model.num_query_groups=8 but the checkpoint has 4"):
         check_matches(model, tmp_path, "teacher")
+
+
+def _load_worker(rank, world, folder):
+    initialize(ParallelConfig())
+    config = model_config_from_hf(folder, vocab_size=VOCAB)
+    load_hf_weights(build_gpt(config, ParallelConfig(), frozen=True), config, folder, "teacher")
+
+
+def test_a_missing_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf_model("llama", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(AssertionError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' is missing from the checkpoint"):
+        run_workers(_load_worker, 1, str(tmp_path), timeout=60)
