@@ -32,7 +32,7 @@ def llama3_70b_to_8b(root: str = "/checkpoints/tropd") -> RunConfig:
         rollout=RolloutConfig(SamplingConfig(max_new_tokens=7168), rollouts_per_prompt=4, micro_batch_size=1,
                               generation_batch_size=16,
                               prefix_share_start=0.5, prefix_tokens_start=256),
-        optim=OptimConfig(lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.01),
+        optim=OptimConfig(lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.01, spike_factor=10.0),
         schedule=ScheduleConfig(steps=200, prompts_per_step=128),
         checkpoint=CheckpointConfig(dir=f"{root}/runs/llama3_70b_to_8b", save_every=10),
         logging=LoggingConfig(tensorboard_dir=f"{root}/runs/llama3_70b_to_8b/tensorboard"),

@@ -30,6 +30,7 @@ from tropd_megatron.megatron import (  # noqa: E402
     train_step,
 )
 from tropd_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from tropd_megatron.megatron.step import SpikeGuard  # noqa: E402
 
 VOCAB = 60
 STUDENT = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
@@ -287,3 +288,48 @@ def test_nonfinite_gradients_skip_the_update_on_every_rank(initial):
         bad_skipped, bad_norm, good_skipped, unchanged, changed, finite = result
         assert bad_skipped and bad_norm is None and unchanged  # both ranks skip, weights untouched
         assert not good_skipped and changed and finite  # the next clean step trains as usual
+
+
+def _spike_worker(rank, world, root, guarded):
+    teacher, student = _setup(2, 1, optimizer="adam", lr=1e-2)
+    load_checkpoint(latest_checkpoint(os.path.join(root, "teacher")), teacher)
+    load_checkpoint(latest_checkpoint(os.path.join(root, "student")), student.model.module)
+    gpt = student.model.module
+    results = []
+    if guarded:  # a history of tiny norms: this step's norm is a spike and is skipped
+        student.spike_guard = SpikeGuard(factor=10.0, window=20, norms=[1e-9] * SpikeGuard.MIN_HISTORY)
+        before = {k: v.detach().clone() for k, v in gpt.state_dict().items() if torch.is_tensor(v)}
+        spike = train_step(student, teacher, microbatches(0), OBJECTIVE, vocab_size=VOCAB, step=0, total_steps=STEPS)
+        unchanged = all(torch.equal(before[k], v) for k, v in gpt.state_dict().items() if k in before)
+        results.append((spike.skipped, spike.skip_reason, spike.grad_norm, unchanged, student.scheduler.num_steps))
+        student.spike_guard.norms = [1e9] * SpikeGuard.MIN_HISTORY  # now the same kind of step is no spike
+    applied = train_step(student, teacher, microbatches(1), OBJECTIVE, vocab_size=VOCAB, step=1, total_steps=STEPS)
+    results.append((applied.skipped, applied.grad_norm, len(student.spike_guard.norms) if guarded else None))
+    return results, {k: v.detach().clone() for k, v in gpt.state_dict().items() if torch.is_tensor(v)}
+
+
+def test_a_gradient_norm_spike_skips_the_update_and_leaves_no_trace(initial):
+    """With a spike guard, a step whose gradient norm exceeds factor x the recent median is
+    skipped on both TP ranks: weights, Adam state and LR schedule as before, so the next
+    applied step gives bitwise the weights of a run that never saw the spike."""
+    guarded = run_workers(_spike_worker, 2, initial, True)
+    plain = run_workers(_spike_worker, 2, initial, False)
+    for (results, weights), (plain_results, plain_weights) in zip(guarded, plain):
+        (skipped, reason, norm, unchanged, scheduler_steps), (applied_skipped, applied_norm, history) = results
+        assert skipped and unchanged and scheduler_steps == 0
+        assert reason.startswith(f"gradient norm {norm:.3g} > 10 x median 1e-09")
+        assert not applied_skipped and history == SpikeGuard.MIN_HISTORY + 1
+        assert applied_norm == plain_results[0][1]
+        for k in plain_weights:
+            np.testing.assert_array_equal(weights[k], plain_weights[k], err_msg=k)
+
+
+def test_spike_guard_threshold_needs_history_and_keeps_a_window():
+    guard = SpikeGuard(factor=4.0, window=3)
+    for norm in (1.0, 2.0, 3.0, 100.0):
+        guard.record(norm)
+    assert guard.norms == [2.0, 3.0, 100.0] and guard.threshold() is None  # fewer than MIN_HISTORY applied
+    guard = SpikeGuard(factor=4.0, window=5, norms=[1.0, 2.0, 3.0, 4.0, 50.0])
+    assert guard.threshold() == 12.0  # 4 x the median: one earlier outlier does not raise the bar
+    with pytest.raises(ValueError, match="spike_factor=0.5 must be > 1"):
+        OptimConfig(spike_factor=0.5)

@@ -35,9 +35,11 @@ def single_process(args):
 @pytest.mark.timeout(300)
 def test_two_steps_at_tp2_leave_checkpoint_eval_and_logs(tmp_path):
     overrides = make_tiny_files(tmp_path)
-    out = torchrun([*overrides, "schedule.steps=2"])
+    out = torchrun([*overrides, "schedule.steps=2", "optim.spike_factor=10"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "run" / "latest").read_text() == "step_00000002"
+    trainer_state = json.loads((tmp_path / "run" / "step_00000002" / "trainer.json").read_text())["trainer"]
+    assert len(trainer_state["spike_norms"]) == 2  # the spike guard's history resumes with the run
     assert "step 2/2 loss" in out.stderr and "eval at step 2: avg@1" in out.stderr
     for step in (0, 2):
         lines = (tmp_path / "run" / "eval" / f"step_{step:08d}.jsonl").read_text().splitlines()

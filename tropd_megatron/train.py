@@ -168,6 +168,8 @@ class Trainer:
             self.step = meta["step"]
             self.prompts.load_state_dict(meta["trainer"]["data"])
             self.history = meta["trainer"]["history"]
+            if self.student.spike_guard is not None:
+                self.student.spike_guard.norms = list(meta["trainer"].get("spike_norms", []))
             log(f"resumed from {resume} at step {self.step}")
         else:
             load_student_weights(self.student, cfg.student.checkpoint, student_model)
@@ -207,7 +209,10 @@ class Trainer:
     def save(self) -> None:
         save_checkpoint(self.cfg.checkpoint.dir, self.step, self.student.model.module, self.student.optimizer,
                         self.student.scheduler, trainer_state={"data": self.prompts.state_dict(), "history": self.history,
-                                       "config": flatten(self.cfg)})
+                                       "config": flatten(self.cfg), "spike_norms": self._spike_norms()})
+
+    def _spike_norms(self) -> list:
+        return self.student.spike_guard.norms if self.student.spike_guard else []
 
     def _record(self, metrics: dict, seconds: dict) -> None:
         if not is_logger():
@@ -226,7 +231,7 @@ class Trainer:
                 f"trust {metrics.get('trust_fraction', float('nan')):.3f} len {metrics['response_length']:.1f} "
                 f"lr {metrics['lr']:.2e} | rollout {seconds['rollout']:.1f}s teacher {seconds['teacher']:.1f}s "
                 f"train {seconds['student'] + seconds['optimizer']:.1f}s | {metrics['tokens_per_second']:.0f} tok/s"
-                + (" | update SKIPPED: non-finite gradients" if metrics["skipped_update"] else ""))
+                + (f" | update SKIPPED: {metrics['skip_reason']}" if metrics["skipped_update"] else ""))
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -246,7 +251,7 @@ class Trainer:
                     seed=cfg.schedule.seed)
                 self.step += 1
                 metrics = dict(result.metrics, lr=result.step.lr, grad_norm=result.step.grad_norm,
-                               skipped_update=result.step.skipped)
+                               skipped_update=result.step.skipped, skip_reason=result.step.skip_reason)
                 self._record(metrics, result.seconds)
                 bar.update(1)
                 last = self.step == cfg.schedule.steps

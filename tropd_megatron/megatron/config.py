@@ -91,7 +91,14 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     clip_grad: float = 1.0
+    # skip an update whose gradient norm (before clipping) exceeds spike_factor x the median of
+    # the last spike_window applied updates' norms (from the 5th applied update on); 0: off
+    spike_factor: float = 0.0
+    spike_window: int = 20
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"OptimConfig.optimizer={self.optimizer!r}; expected 'adam' or 'sgd'")
+        if self.spike_factor and (self.spike_factor <= 1 or self.spike_window < 1):
+            raise ValueError(f"OptimConfig.spike_factor={self.spike_factor} must be > 1 (or 0: off) and "
+                             f"spike_window={self.spike_window} >= 1")

@@ -10,7 +10,8 @@ ranks and micro-batches.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -51,6 +52,25 @@ class Student:
     model: DistributedDataParallel
     optimizer: object
     scheduler: OptimizerParamScheduler
+    spike_guard: Optional["SpikeGuard"] = None
+
+
+@dataclass
+class SpikeGuard:
+    """Flags a gradient norm above ``factor`` x the median of the last ``window`` applied
+    updates' norms, once ``MIN_HISTORY`` are known. Its history is part of a run's state
+    (``norms``: saved with the checkpoint so that a resumed run decides the same)."""
+
+    factor: float
+    window: int
+    norms: list = field(default_factory=list)
+    MIN_HISTORY = 5
+
+    def threshold(self) -> Optional[float]:
+        return self.factor * statistics.median(self.norms) if len(self.norms) >= self.MIN_HISTORY else None
+
+    def record(self, norm: float) -> None:
+        self.norms = (self.norms + [float(norm)])[-self.window:]
 
 
 def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, total_steps: int) -> Student:
@@ -80,7 +100,12 @@ def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConf
         start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
     )
-    return Student(ddp, optimizer, scheduler)
+    guard = None
+    if optim.spike_factor:
+        if model.dtype == "fp16":  # its loss scaler updates on every prepare_grads: the guard would count twice
+            raise ValueError("OptimConfig.spike_factor is not supported with ModelConfig.dtype='fp16' (use bf16)")
+        guard = SpikeGuard(optim.spike_factor, optim.spike_window)
+    return Student(ddp, optimizer, scheduler, guard)
 
 
 def _schedule(model, microbatches: list[MicroBatch], items: list, forward_step, forward_only: bool):
@@ -136,7 +161,8 @@ class StepResult:
     metrics: dict  # reduced over data-parallel ranks (last pipeline stage; empty elsewhere)
     grad_norm: Optional[float]
     lr: float
-    skipped: bool  # no update: non-finite gradients on some rank (weights and LR schedule unchanged)
+    skipped: bool  # no update (weights, optimizer state and LR schedule unchanged)
+    skip_reason: Optional[str]  # why: non-finite gradients on some rank, or a gradient-norm spike
     seconds: dict  # teacher / student / optimizer wall time
 
 
@@ -182,9 +208,21 @@ def train_step(
     t2 = time.perf_counter()
     # Megatron's fp32 and bf16 optimizers apply non-finite gradients (only fp16 loss scaling
     # checks): refuse the update here so the weights never become non-finite
-    updated, grad_norm = False, None
-    if _gradients_finite(student.model):
+    updated, grad_norm, skip = False, None, None
+    if not _gradients_finite(student.model):
+        skip = "non-finite gradients"
+    elif student.spike_guard is not None and (threshold := student.spike_guard.threshold()) is not None:
+        # prepare_grads only copies the model's gradients into the optimizer's (bf16 / fp32), so
+        # the norm can be read before deciding; step() repeats it. The norm is the same on every rank.
+        student.optimizer.prepare_grads()
+        grad_norm = float(student.optimizer.get_grad_norm())
+        if grad_norm > threshold:
+            guard = student.spike_guard
+            skip = f"gradient norm {grad_norm:.3g} > {guard.factor:g} x median {threshold / guard.factor:.3g}"
+    if skip is None:
         updated, grad_norm, _ = student.optimizer.step()
+        if updated and student.spike_guard is not None:
+            student.spike_guard.record(grad_norm)
     if updated:
         student.scheduler.step(increment=1)
     t3 = time.perf_counter()
@@ -194,5 +232,6 @@ def train_step(
         metrics = reduce_metrics(sums, parallel_state.get_data_parallel_group())
     return StepResult(
         metrics=metrics, grad_norm=grad_norm, lr=student.optimizer.param_groups[0]["lr"], skipped=not updated,
+        skip_reason=skip if skip or updated else "the optimizer found inf / nan",
         seconds={"teacher": t1 - t0, "student": t2 - t1, "optimizer": t3 - t2},
     )
