@@ -1,9 +1,11 @@
 """Faults during training lose nothing: a job killed with SIGKILL (every process at once, as
-when a node dies) and launched again resumes from its last checkpoint and reaches bitwise
-the same per-step metrics and final evaluation as a run that was never interrupted."""
+when a node dies), between checkpoints or in the middle of writing one, and launched again
+resumes from its last complete checkpoint and reaches bitwise the same per-step metrics and
+final evaluation as a run that was never interrupted."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -38,7 +40,20 @@ def final_metrics(folder):
     return {step: {k: v for k, v in record.items() if k not in TIMING} for step, record in read_metrics(folder).items()}
 
 
-@pytest.mark.timeout(420)
+def kill_during_save(proc, folder, step: int) -> None:
+    """SIGKILL the job while it writes the step's checkpoint (its ``.incomplete_`` folder exists)."""
+    for line in proc.stdout:
+        if line.startswith(f"step {step}/"):  # the step's progress line comes just before its save
+            break
+    partial = folder / f".incomplete_step_{step:08d}"
+    deadline = time.monotonic() + 60
+    while not partial.exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    kill_all(proc)
+    assert partial.exists(), "the save was not caught in progress"
+
+
+@pytest.mark.timeout(600)
 def test_sigkill_then_relaunch_matches_an_uninterrupted_run_bitwise(tmp_path):
     overrides = make_tiny_files(tmp_path) + ["schedule.steps=6", "checkpoint.save_every=2", "eval.every=0"]
     whole = launch([*overrides, f"checkpoint.dir={tmp_path}/whole"])
@@ -57,8 +72,19 @@ def test_sigkill_then_relaunch_matches_an_uninterrupted_run_bitwise(tmp_path):
     assert again.returncode == 0, out[-3000:]
     assert "at step 2" in out and "step 1/6" not in out
 
-    assert final_metrics(tmp_path / "killed") == final_metrics(tmp_path / "whole")
+    # killed while writing the step-4 checkpoint: step 2's is the one that loads
+    saving = launch([*overrides, f"checkpoint.dir={tmp_path}/saving"])
+    kill_during_save(saving, tmp_path / "saving", 4)
+    saving.wait(timeout=30)
+    assert (tmp_path / "saving" / "latest").read_text() == "step_00000002"
+    again = launch([*overrides, f"checkpoint.dir={tmp_path}/saving"])
+    out, _ = again.communicate(timeout=200)
+    assert again.returncode == 0, out[-3000:]
+    assert "at step 2" in out
+
     assert sorted(final_metrics(tmp_path / "whole")) == [1, 2, 3, 4, 5, 6]
-    for step in (0, 6):  # evaluation before and after: the same generations, problem by problem
-        name = f"eval/step_{step:08d}.jsonl"
-        assert (tmp_path / "killed" / name).read_text() == (tmp_path / "whole" / name).read_text()
+    for run in ("killed", "saving"):
+        assert final_metrics(tmp_path / run) == final_metrics(tmp_path / "whole"), run
+        for step in (0, 6):  # evaluation before and after: the same generations, problem by problem
+            name = f"eval/step_{step:08d}.jsonl"
+            assert (tmp_path / run / name).read_text() == (tmp_path / "whole" / name).read_text(), run
