@@ -333,3 +333,61 @@ def test_spike_guard_threshold_needs_history_and_keeps_a_window():
     assert guard.threshold() == 12.0  # 4 x the median: one earlier outlier does not raise the bar
     with pytest.raises(ValueError, match="spike_factor=0.5 must be > 1"):
         OptimConfig(spike_factor=0.5)
+
+
+class _Payload:
+    """Unpickling it creates a file: stands for any code a crafted checkpoint could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _tampered_load_worker(rank, world, folder):
+    _, student = _setup(1, 1)
+    try:
+        load_checkpoint(folder, student.model.module)
+    except ValueError as e:
+        return str(e)
+    return "loaded"
+
+
+@pytest.mark.parametrize("part", [".metadata", "byte item", "common.pt"])
+def test_a_crafted_checkpoint_runs_no_code(initial, tmp_path, part):
+    """PyTorch reads ``.metadata`` with pickle.load and byte items with weights_only=False:
+    a checkpoint crafted to run code on load is refused before either reads it."""
+    import dataclasses
+    import io
+    import pickle
+    import shutil
+
+    folder = tmp_path / "step"
+    shutil.copytree(os.path.join(initial, "student", "step_00000000"), folder)
+    marker = tmp_path / "code_ran"
+    if part == "common.pt":
+        torch.save({"optimizer": _Payload(str(marker))}, folder / "common.pt")
+    else:
+        metadata = pickle.loads((folder / ".metadata").read_bytes())
+        if part == ".metadata":
+            metadata.planner_data = _Payload(str(marker))
+        else:  # point one byte item at a payload appended to its shard file
+            from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+            index = next(i for i in metadata.storage_data
+                         if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+            info = metadata.storage_data[index]
+            payload = io.BytesIO()
+            torch.save([_Payload(str(marker))], payload)
+            shard = folder / info.relative_path
+            offset = shard.stat().st_size
+            with open(shard, "ab") as f:
+                f.write(payload.getvalue())
+            metadata.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(payload.getvalue()))
+        (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    message = run_workers(_tampered_load_worker, 1, str(folder))[0]
+    assert "refused to load" in message and not marker.exists(), message
+    if part == ".metadata":  # the payload is real: plain unpickling runs it
+        pickle.loads((folder / ".metadata").read_bytes())
+        assert marker.exists()

@@ -10,8 +10,10 @@ previous checkpoint and pointer intact.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -101,18 +103,87 @@ def checkpoint_metadata(path) -> dict:
     return json.loads(meta_file.read_text())
 
 
+# What a checkpoint's pickled parts may name: torch.distributed.checkpoint's metadata records
+# and torch's own value types. PyTorch reads a checkpoint's ``.metadata`` with plain
+# ``pickle.load`` and its byte items with ``torch.load(weights_only=False)``, either of which
+# would run code placed in a crafted checkpoint: check_safe_to_load reads them first, here.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "TensorStorageMetadata",
+                                              "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
+    "torch.serialization": {"_get_layout"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))):
+            return getattr(torch, name)
+        raise _Refused(f"it names {module}.{name}, which a checkpoint has no reason to")
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+def check_safe_to_load(path) -> None:
+    """Refuse (ValueError naming the file) a checkpoint folder whose pickled parts would
+    import anything but checkpoint metadata and plain values: ``.metadata`` files through an
+    allow-list, byte items and ``common.pt`` through ``torch.load(weights_only=True)``."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    path = Path(path)
+    for file in sorted(path.glob("*.metadata")) + sorted(path.glob(".metadata")):
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(file.read_bytes())).load()
+        except _Refused as e:
+            raise ValueError(f"{file}: refused to load: {e}") from None
+        except Exception as e:
+            raise _unreadable(path, e) from e
+        for index, info in getattr(metadata, "storage_data", {}).items():
+            if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+                continue
+            with open(path / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                raw = f.read(info.length)
+            if len(raw) < info.length:
+                raise _unreadable(path, EOFError(f"{info.relative_path} ends before item {index.fqn}"))
+            _load_weights_only(io.BytesIO(raw), f"{path / info.relative_path} item {index.fqn}", path)
+    if (path / "common.pt").exists():
+        _load_weights_only(path / "common.pt", str(path / "common.pt"), path)
+
+
+def _load_weights_only(source, name: str, folder: Path) -> None:
+    try:
+        torch.load(source, weights_only=True)
+    except pickle.UnpicklingError as e:  # what weights_only refuses: a global outside its allow-list
+        raise ValueError(f"{name}: refused to load: {str(e).splitlines()[0][:300]}") from None
+    except Exception as e:
+        raise _unreadable(folder, e) from e
+
+
+def _unreadable(path: Path, cause: BaseException) -> ValueError:
+    return ValueError(f"{path}: unreadable checkpoint ({type(cause).__name__}: {str(cause)[:200]}); restore it, "
+                      f"or point {path.parent / LATEST} at an earlier step_* folder")
+
+
 def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
     """Load into ``model`` (and optimizer / scheduler when given) at this run's TP / PP
     layout, whatever layout saved it; returns the saved metadata (step, trainer state).
     RNG states are restored only when the world size matches the saving run's."""
     path = Path(path)
     meta = checkpoint_metadata(path)
+    check_safe_to_load(path)
     try:
         loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path))
     except (Exception, CheckpointException) as e:  # truncated or missing shards (CheckpointException is a BaseException)
         cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
-        raise ValueError(f"{path}: unreadable checkpoint ({type(cause).__name__}: {str(cause)[:200]}); restore "
-                         f"it, or point {path.parent / LATEST} at an earlier step_* folder") from e
+        raise _unreadable(path, cause) from e
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
