@@ -80,3 +80,12 @@ def test_tropd_from_hugging_face_folders_then_export(tmp_path):
     assert reloaded.eos_token == "<|im_end|>"
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([ids])).logits).all()
+
+    # the exported folder is a student checkpoint in its own right: avg@n straight from it
+    env["MASTER_PORT"] = str(free_port())
+    ev = subprocess.run([sys.executable, "-m", "launch.evaluate", "--recipe", "tiny", "--problems",
+                         str(tmp_path / "held_out.jsonl"), "--weights", str(exported), *overrides, "parallel.tensor=1"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    summary = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert summary["weights"] == str(exported) and summary["problems"] == 8
