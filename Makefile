@@ -43,7 +43,8 @@ $(VENV019)/.installed: setup.py
 	touch $@
 
 test-mcore019: $(VENV019)/.installed
-	$(VENV019)/bin/python -m pytest -q tests/test_megatron_step.py tests/test_generation.py tests/test_rollout.py tests/test_evaluation.py
+	$(VENV019)/bin/python -m pytest -q tests/test_megatron_step.py tests/test_generation.py tests/test_rollout.py \
+		tests/test_evaluation.py tests/test_hf_checkpoint.py tests/test_tokenizer.py
 
 clean:
 	rm -rf $(VENV) $(VENV019) build *.egg-info .pytest_cache

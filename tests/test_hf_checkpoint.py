@@ -198,7 +198,8 @@ def test_recipe_models_match_the_published_configs(tmp_path, name):
     check_matches(model, tmp_path, "teacher")
     wrong = dict(PUBLISHED[name], num_key_value_heads=4)
     (tmp_path / "config.json").write_text(json.dumps(wrong))
-    with pytest.raises(ValueError, match=r"teacher.model.num_query_groups=8 but the checkpoint has 4"):
+    with pytest.raises(ValueError, match=r"teacher.model.num_query_groups=8 but the checkpoint has 4\n"
+                                         r"to take the checkpoint's shape, add: teacher.model.num_query_groups=4$"):
         check_matches(model, tmp_path, "teacher")
 
 
@@ -217,3 +218,18 @@ def test_a_missing_tensor_is_named(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(AssertionError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' is missing from the checkpoint"):
         run_workers(_load_worker, 1, str(tmp_path), timeout=60)
+
+
+def test_the_suggested_overrides_take_the_checkpoints_shape(tmp_path):
+    from recipes.tiny import tiny
+    from tropd_megatron.megatron.hf_checkpoint import check_matches
+    from tropd_megatron.run_config import apply_overrides
+
+    hf_model("qwen3", tmp_path, rows=64)  # differs from the tiny teacher in ints, floats, booleans
+    run = apply_overrides(tiny(), [f"teacher.model.vocab_size={VOCAB}"])
+    with pytest.raises(ValueError) as refused:
+        check_matches(run.teacher.model, tmp_path, "teacher")
+    fix = str(refused.value).rsplit("add: ", 1)[1].split()
+    assert {"teacher.model.qk_layernorm=true", "teacher.model.untie_embeddings=false",
+            "teacher.model.kv_channels=16"} <= set(fix)
+    check_matches(apply_overrides(run, fix).teacher.model, tmp_path, "teacher")

@@ -116,16 +116,23 @@ _NOT_COMPARED = {"vocab_size", "padded_vocab_size", "max_sequence_length", "init
 
 
 def check_matches(config: ModelConfig, folder, what: str) -> None:
-    """``config`` (``what``.model) must have the shape of the weights in ``folder``."""
+    """``config`` (``what``.model) must have the shape of the weights in ``folder``; the
+    ValueError lists each difference and the overrides that take the checkpoint's shape."""
     found = model_config_from_hf(folder, vocab_size=config.vocab_size)
-    wrong = [f"{what}.model.{f.name}={getattr(config, f.name)!r} but the checkpoint has {getattr(found, f.name)!r}"
-             for f in fields(ModelConfig)
+    names = [f.name for f in fields(ModelConfig)
              if f.name not in _NOT_COMPARED and getattr(config, f.name) != getattr(found, f.name)]
     if config.head_dim != found.head_dim:
-        wrong.append(f"{what}.model head size {config.head_dim} but the checkpoint has {found.head_dim}")
-    if wrong:
+        names.append("kv_channels")
+    if names:
+        wrong = [f"{what}.model.{n}={getattr(config, n)!r} but the checkpoint has {getattr(found, n)!r}" for n in names]
+        fix = " ".join(f"{what}.model.{n}={_override(getattr(found, n))}" for n in names)
         raise ValueError(f"{what}.checkpoint={folder} ({Path(folder) / CONFIG}) does not match the configured "
-                         "model:\n  " + "\n  ".join(wrong))
+                         "model:\n  " + "\n  ".join(wrong) + f"\nto take the checkpoint's shape, add: {fix}")
+
+
+def _override(value) -> str:
+    """``value`` as a command-line override writes it."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def hf_config(config: ModelConfig, vocab_rows: int) -> dict:
