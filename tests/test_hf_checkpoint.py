@@ -136,6 +136,10 @@ def test_export_then_import_is_bitwise(tmp_path, family, tp, pp):
 def test_unsupported_family_and_features_are_named(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 60}))
+    with pytest.raises(ValueError, match=r"config.json: missing hidden_size, intermediate_size, num_hidden_layers, "
+                                         r"num_attention_heads$"):
+        model_config_from_hf(folder)
     (folder / "config.json").write_text(json.dumps({"model_type": "mistral", "vocab_size": 60}))
     with pytest.raises(ValueError, match=r"config.json: model_type 'mistral' is not supported; supported families: "
                                          r"llama, qwen2, qwen3"):

@@ -75,10 +75,14 @@ def model_config_from_hf(folder, *, vocab_size: int | None = None, max_sequence_
     ``padded_vocab_size``. An unsupported family or feature is a ValueError naming the file."""
     file = Path(folder) / CONFIG
     hf = read_hf_config(folder)
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
     family = hf.get("model_type")
     if family not in FAMILIES:
         raise ValueError(f"{file}: model_type {family!r} is not supported; supported families: "
                          f"{', '.join(FAMILIES)} (Llama 3, Qwen2 / 2.5, Qwen3)")
+    if missing:
+        raise ValueError(f"{file}: missing {', '.join(missing)}")
     unsupported = {
         "hidden_act": hf.get("hidden_act", "silu") != "silu",
         "mlp_bias": bool(hf.get("mlp_bias", False)),
