@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     problems = load_problems(replace(cfg.data, path=args.problems), prompt_encoder(tokenizer, cfg.data.chat_template),
                              args.max_problems)
     generator = Generator(model, student_model, eos_id=tokenizer.eos_id,
-                          max_batch_size=cfg.rollout.generation_batch_size)
+                          max_batch_size=cfg.rollout.generation_batch_size, name="student")
     result = evaluate(generator, problems, tokenizer.decode, samples=args.samples, temperature=args.temperature,
                       max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens, seed=cfg.schedule.seed,
                       results_path=args.results)

@@ -60,3 +60,13 @@ def hf_tokenizer(folder, texts, *, eos_token: str = "<|im_end|>", vocab_size: in
                                    chat_template=CHAT_TEMPLATE)
     fast.save_pretrained(folder)
     return fast
+
+
+def model_overrides(what: str, folder, vocab_size: int) -> list:
+    """The overrides that give ``what`` (teacher / student) the shape of the folder's model."""
+    from dataclasses import asdict
+
+    from recipes.models import from_hf
+
+    shape = asdict(from_hf(str(folder), vocab_size=vocab_size))
+    return [f"{what}.model.{k}={'null' if v is None else v}" for k, v in shape.items()]

@@ -6,26 +6,18 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 
 import pytest
 import torch
 
 from distributed import free_port
-from hf_models import hf_model, hf_tokenizer
+from hf_models import hf_model, hf_tokenizer, model_overrides
 from tiny_files import make_tiny_files
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def model_overrides(what: str, folder, vocab_size: int) -> list:
-    from recipes.models import from_hf
-
-    return [f"{what}.model.{k}={'null' if v is None else v}" for k, v in asdict(from_hf(str(folder),
-                                                                                      vocab_size=vocab_size)).items()]
 
 
 @pytest.mark.timeout(420)

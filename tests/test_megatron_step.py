@@ -290,6 +290,36 @@ def test_nonfinite_gradients_skip_the_update_on_every_rank(initial):
         assert not good_skipped and changed and finite  # the next clean step trains as usual
 
 
+def _all_masked_worker(rank, world, root, pp, masked_ranks):
+    """An applied step (Adam's momentum is non-zero), then a step whose loss masks are all
+    zero on ``masked_ranks`` (data-parallel ranks at pp = 1, every stage at pp = 2)."""
+    teacher, student = _setup(1, pp, optimizer="adam", lr=1e-2)
+    load_checkpoint(latest_checkpoint(os.path.join(root, "teacher")), teacher)
+    load_checkpoint(latest_checkpoint(os.path.join(root, "student")), student.model.module)
+    first = train_step(student, teacher, microbatches(0), OBJECTIVE, vocab_size=VOCAB, step=0, total_steps=STEPS)
+    gpt = student.model.module
+    before = {k: v.detach().clone() for k, v in gpt.state_dict().items() if torch.is_tensor(v)}
+    batches = microbatches(1)
+    if rank in masked_ranks:
+        batches = [replace(mb, loss_mask=torch.zeros_like(mb.loss_mask)) for mb in batches]
+    masked = train_step(student, teacher, batches, OBJECTIVE, vocab_size=VOCAB, step=1, total_steps=STEPS)
+    unchanged = all(torch.equal(before[k], v) for k, v in gpt.state_dict().items() if k in before)
+    return first.skipped, masked.skipped, masked.skip_reason, unchanged, student.scheduler.num_steps
+
+
+@pytest.mark.parametrize("pp,masked_ranks,skipped", [(2, (0, 1), True), (1, (0, 1), True), (1, (0,), False)],
+                         ids=["pp2-all-masked", "dp2-all-masked", "dp2-one-rank-masked"])
+def test_a_step_without_loss_tokens_is_skipped_on_every_rank(initial, pp, masked_ranks, skipped):
+    """Zero gradients would still move the weights through Adam's momentum: a step with no loss
+    token on any rank is skipped (weights and LR schedule unchanged); one with tokens on some
+    data-parallel rank trains."""
+    for first_skipped, masked_skipped, reason, unchanged, scheduler_steps in run_workers(
+            _all_masked_worker, 2, initial, pp, masked_ranks):
+        assert not first_skipped
+        assert (masked_skipped, unchanged, scheduler_steps) == (skipped, skipped, 1 if skipped else 2)
+        assert reason == ("no loss tokens (every token masked)" if skipped else None)
+
+
 def _spike_worker(rank, world, root, guarded):
     teacher, student = _setup(2, 1, optimizer="adam", lr=1e-2)
     load_checkpoint(latest_checkpoint(os.path.join(root, "teacher")), teacher)
@@ -333,6 +363,8 @@ def test_spike_guard_threshold_needs_history_and_keeps_a_window():
     assert guard.threshold() == 12.0  # 4 x the median: one earlier outlier does not raise the bar
     with pytest.raises(ValueError, match="spike_factor=0.5 must be > 1"):
         OptimConfig(spike_factor=0.5)
+    with pytest.raises(ValueError, match=r"max_skipped_in_a_row=-1 must be >= 0 \(0: never stop\)"):
+        OptimConfig(max_skipped_in_a_row=-1)
 
 
 class _Payload:

@@ -1,7 +1,9 @@
 """Faults during training lose nothing: a job killed with SIGKILL (every process at once, as
 when a node dies), between checkpoints or in the middle of writing one, and launched again
 resumes from its last complete checkpoint and reaches bitwise the same per-step metrics and
-final evaluation as a run that was never interrupted."""
+final evaluation as a run that was never interrupted. A teacher whose logits overflow has its
+tokens masked, the updates skipped and counted, and the run stopped with the reason; a
+checkpoint holding NaN weights is refused naming the file and tensor."""
 import os
 import subprocess
 import sys
@@ -10,10 +12,13 @@ import time
 import pytest
 
 from distributed import free_port
+from hf_models import hf_model, model_overrides
+from test_train import single_process
 from tiny_files import make_tiny_files
 from tropd_megatron.train import read_metrics
 
 pytest.importorskip("megatron.core")
+pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TIMING = ("seconds", "tokens_per_second")
@@ -88,3 +93,53 @@ def test_sigkill_then_relaunch_matches_an_uninterrupted_run_bitwise(tmp_path):
         for step in (0, 6):  # evaluation before and after: the same generations, problem by problem
             name = f"eval/step_{step:08d}.jsonl"
             assert (tmp_path / run / name).read_text() == (tmp_path / "whole" / name).read_text(), run
+
+
+def faulty_teacher(root, fault: str) -> list:
+    """A Hugging Face teacher of finite weights whose logits overflow to +-inf (``overflow``), or
+    one with a NaN weight (``nan``); the overrides that run the tiny recipe with it."""
+    from safetensors.torch import load_file, save_file
+
+    folder = root / "teacher"
+    hf_model("llama", folder, rows=64)
+    tensors = load_file(folder / "model.safetensors")
+    if fault == "overflow":
+        tensors["lm_head.weight"] *= 1e30
+        tensors["model.norm.weight"].fill_(1e30)
+    else:
+        tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return [*make_tiny_files(root), *model_overrides("teacher", folder, 40), f"teacher.checkpoint={folder}",
+            "eval.path=null", "schedule.steps=6"]
+
+
+@pytest.mark.timeout(300)
+def test_a_teacher_whose_logits_overflow_masks_skips_counts_then_stops(tmp_path):
+    overrides = faulty_teacher(tmp_path, "overflow")
+    out, _ = single_process([*overrides, "optim.max_skipped_in_a_row=3"]).communicate(timeout=240)
+    assert "error: the last 3 updates were all skipped (optim.max_skipped_in_a_row=3; last reason: no loss tokens " \
+           "(every token masked)); stopping without a checkpoint, the next launch resumes from the start" in out, out
+    assert "tokens with non-finite teacher logits masked | update SKIPPED: no loss tokens" in out
+    records = read_metrics(tmp_path / "run")
+    assert sorted(records) == [1, 2, 3]
+    for step, record in records.items():
+        assert record["skipped_update"] and record["skipped_updates"] == step
+        assert record["nonfinite_tokens"] == record["response_tokens"] > 0 and record["tokens"] == 0
+    assert not list((tmp_path / "run").glob("step_*"))
+
+    # with teacher-written prefixes the teacher samples from those logits: stopped, named
+    prefixed = single_process([*overrides, f"checkpoint.dir={tmp_path}/prefixed", "rollout.prefix_share_start=1",
+                               "rollout.prefix_share_end=1", "rollout.prefix_tokens_start=4",
+                               "rollout.prefix_tokens_end=4"])
+    out, _ = prefixed.communicate(timeout=240)
+    assert prefixed.returncode == 1
+    assert "error: teacher: NaN or +inf logits while generating" in out, out[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_with_a_nan_weight_is_refused_naming_it(tmp_path):
+    proc = single_process(faulty_teacher(tmp_path, "nan"))
+    out, _ = proc.communicate(timeout=100)
+    assert proc.returncode == 2, out[-3000:]
+    assert f"error: teacher.checkpoint={tmp_path}/teacher: {tmp_path}/teacher holds non-finite values " \
+           "(in decoder.layers.1.mlp.linear_fc2.weight)" in out, out[-3000:]

@@ -80,7 +80,8 @@ def test_signal_checkpoints_exits_75_and_the_next_launch_resumes(tmp_path, signu
     assert proc.returncode == 75, log[-3000:]
     saved = (tmp_path / "run" / "latest").read_text()
     step = int(saved.split("_")[1])
-    assert 2 <= step < 40 and f"checkpoint at step {step} written" in log
+    # the bound: step 2 when the signal beat the ranks' check after it, else the step under way (3)
+    assert step in (2, 3) and f"checkpoint at step {step} written" in log
     resumed = single_process(overrides)
     out, _ = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, out[-3000:]

@@ -19,10 +19,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
+from . import RunError
 from .data import PromptStream
 from .evaluation.benchmark import evaluate, load_problems
 from .megatron import build_gpt, build_student, initialize, shared_vocabulary_rows
@@ -36,12 +38,16 @@ from .tokenizer import check_same_vocabulary, check_tokenizer, load_tokenizer, p
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; run again to resume
 SCALARS = ("loss", "trust_fraction", "kl_k3", "response_length", "stopped_fraction", "prefixed_fraction",
-           "tokens_per_second", "lr", "grad_norm", "skipped_update")
+           "tokens_per_second", "lr", "grad_norm", "skipped_update", "skipped_updates", "nonfinite_tokens")
 
 
 class Preempted(SystemExit):
     def __init__(self):
         super().__init__(PREEMPTED_EXIT)
+
+
+class StalledRun(RunError):
+    """Too many updates in a row were skipped (``optim.max_skipped_in_a_row``)."""
 
 
 class _StopFlag:
@@ -104,10 +110,16 @@ def load_weights(path: str | None, model, config, what: str) -> Path | None:
     if not root.exists():
         raise FileNotFoundError(f"{what}.checkpoint={path}: no such directory")
     if is_hf_folder(root):
+        folder = root
         load_hf_weights(model, config, root, what)
-        return root
-    folder = latest_checkpoint(root) or root
-    load_checkpoint(folder, model)
+    else:
+        folder = latest_checkpoint(root) or root
+        load_checkpoint(folder, model)
+    # a NaN / inf weight would surface much later as masked tokens or a crash inside sampling
+    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if any_rank(bad is not None):
+        raise ValueError(f"{what}.checkpoint={path}: {folder} holds non-finite values "
+                         f"(in {bad or 'a parameter held by another rank'})")
     return folder
 
 
@@ -156,7 +168,7 @@ class Trainer:
         self.student = build_student(student_model, cfg.parallel, cfg.optim, cfg.schedule.steps)
         encode = prompt_encoder(self.tokenizer, cfg.data.chat_template)
         self.prompts = PromptStream(cfg.data, encode)
-        self.step, self.history = 0, {"eval": []}
+        self.step, self.history = 0, {"eval": [], "skipped_steps": []}
         resume = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
         if resume is not None:
             meta = checkpoint_metadata(resume)
@@ -167,7 +179,7 @@ class Trainer:
             meta = load_checkpoint(resume, self.student.model.module, self.student.optimizer, self.student.scheduler)
             self.step = meta["step"]
             self.prompts.load_state_dict(meta["trainer"]["data"])
-            self.history = meta["trainer"]["history"]
+            self.history = {"skipped_steps": [], **meta["trainer"]["history"]}
             if self.student.spike_guard is not None:
                 self.student.spike_guard.norms = list(meta["trainer"].get("spike_norms", []))
             log(f"resumed from {resume} at step {self.step}")
@@ -180,9 +192,9 @@ class Trainer:
             say(f"run {cfg.name}: {dist.get_world_size()} processes, configuration in {cfg.checkpoint.dir}/config.yaml")
         batch = cfg.rollout.generation_batch_size
         self.student_generator = Generator(self.student.model.module, student_model, eos_id=self.tokenizer.eos_id,
-                                           max_batch_size=batch)
+                                           max_batch_size=batch, name="student")
         self.teacher_generator = Generator(self.teacher, teacher_model, eos_id=teacher_tokenizer.eos_id,
-                                           max_batch_size=batch)
+                                           max_batch_size=batch, name="teacher")
         self.eval_problems = None
         if cfg.eval.path:
             self.eval_problems = load_problems(replace(cfg.data, path=cfg.eval.path), encode, cfg.eval.max_problems)
@@ -231,7 +243,18 @@ class Trainer:
                 f"trust {metrics.get('trust_fraction', float('nan')):.3f} len {metrics['response_length']:.1f} "
                 f"lr {metrics['lr']:.2e} | rollout {seconds['rollout']:.1f}s teacher {seconds['teacher']:.1f}s "
                 f"train {seconds['student'] + seconds['optimizer']:.1f}s | {metrics['tokens_per_second']:.0f} tok/s"
+                + (f" | {metrics['nonfinite_tokens']:.0f} tokens with non-finite teacher logits masked"
+                   if metrics.get("nonfinite_tokens") else "")
                 + (f" | update SKIPPED: {metrics['skip_reason']}" if metrics["skipped_update"] else ""))
+
+    def _check_not_stalled(self, reason) -> None:
+        limit, skipped = self.cfg.optim.max_skipped_in_a_row, self.history["skipped_steps"]
+        if limit and len(skipped) >= limit and skipped[-limit:] == list(range(self.step - limit + 1, self.step + 1)):
+            latest = latest_checkpoint(self.cfg.checkpoint.dir)
+            raise StalledRun(
+                f"the last {limit} updates were all skipped (optim.max_skipped_in_a_row={limit}; last reason: "
+                f"{reason}); stopping without a checkpoint, the next launch resumes from "
+                f"{latest or 'the start'}")
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -250,9 +273,13 @@ class Trainer:
                     vocab_size=self.tokenizer.vocab_size, step=self.step, total_steps=cfg.schedule.steps,
                     seed=cfg.schedule.seed)
                 self.step += 1
+                if result.step.skipped:
+                    self.history["skipped_steps"].append(self.step)
                 metrics = dict(result.metrics, lr=result.step.lr, grad_norm=result.step.grad_norm,
-                               skipped_update=result.step.skipped, skip_reason=result.step.skip_reason)
+                               skipped_update=result.step.skipped, skip_reason=result.step.skip_reason,
+                               skipped_updates=len(self.history["skipped_steps"]))
                 self._record(metrics, result.seconds)
+                self._check_not_stalled(result.step.skip_reason)
                 bar.update(1)
                 last = self.step == cfg.schedule.steps
                 if self.eval_problems and (last or (cfg.eval.every and self.step % cfg.eval.every == 0)):
@@ -269,7 +296,10 @@ class Trainer:
             stop.restore()
             if self.writer is not None:
                 self.writer.close()
-        log(f"done: {self.step} steps in {time.time() - started:.0f} s; checkpoints in {cfg.checkpoint.dir}")
+        skipped = len(self.history["skipped_steps"])
+        log(f"done: {self.step} steps in {time.time() - started:.0f} s"
+            + (f" ({skipped} updates skipped, steps {self.history['skipped_steps']})" if skipped else "")
+            + f"; checkpoints in {cfg.checkpoint.dir}")
         return {"steps": self.step, "history": self.history}
 
 

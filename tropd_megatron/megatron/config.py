@@ -95,6 +95,9 @@ class OptimConfig:
     # the last spike_window applied updates' norms (from the 5th applied update on); 0: off
     spike_factor: float = 0.0
     spike_window: int = 20
+    # stop the run (exit 1) after this many updates in a row were skipped (no loss tokens,
+    # non-finite gradients, spikes): something is broken and the weights no longer move; 0: never
+    max_skipped_in_a_row: int = 10
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "sgd"):
@@ -102,3 +105,5 @@ class OptimConfig:
         if self.spike_factor and (self.spike_factor <= 1 or self.spike_window < 1):
             raise ValueError(f"OptimConfig.spike_factor={self.spike_factor} must be > 1 (or 0: off) and "
                              f"spike_window={self.spike_window} >= 1")
+        if self.max_skipped_in_a_row < 0:
+            raise ValueError(f"OptimConfig.max_skipped_in_a_row={self.max_skipped_in_a_row} must be >= 0 (0: never stop)")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import RunError
 from .compat import generate_token_ids, inference_engine, reseed_sampling
 from .config import ModelConfig
 
@@ -57,12 +58,35 @@ def eval_mode(model):
         model.train(was_training)
 
 
+class NonFiniteLogits(RunError):
+    all_ranks = False  # raised on the ranks whose logits shard is non-finite
+
+
+@contextlib.contextmanager
+def refuse_nonfinite_logits(model, name: str):
+    """Raise NonFiniteLogits on NaN or +inf logits from the output layer: Megatron's sampler would
+    fail on them with an unrelated message (a device-side assert on GPU)."""
+    def check(module, inputs, output):
+        if not bool((output[0] < float("inf")).all()):  # NaN or +inf; padded rows are -inf by design
+            raise NonFiniteLogits(f"{name}: NaN or +inf logits while generating: its weights or activations "
+                                  "overflow (a faulty checkpoint, or beyond the fp16 / bf16 range)")
+
+    layer = getattr(model, "output_layer", None)  # only on the last pipeline stage
+    handle = layer.register_forward_hook(check) if layer is not None else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 class Generator:
     """Megatron's static inference engine over ``model`` (a GPTModel, e.g. ``ddp.module``):
     generation reads the live weights, so a student generates with its current parameters."""
 
-    def __init__(self, model, config: ModelConfig, *, eos_id: int, max_batch_size: int = 8):
+    def __init__(self, model, config: ModelConfig, *, eos_id: int, max_batch_size: int = 8, name: str = "model"):
         self.model, self.config, self.eos_id, self.max_batch_size = model, config, eos_id, max_batch_size
+        self.name = name  # in errors
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the engine's own deprecation notices
             self.engine, self.controller = inference_engine(
@@ -88,7 +112,7 @@ class Generator:
             num_tokens_to_generate=sampling.max_new_tokens, return_log_probs=True, termination_id=self.eos_id,
         )
         results = []
-        with eval_mode(self.model), warnings.catch_warnings():
+        with eval_mode(self.model), refuse_nonfinite_logits(self.model, self.name), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the engine's deprecation notices, on every call
             for start in range(0, len(prompts), self.max_batch_size):
                 chunk = prompts[start : start + self.max_batch_size]

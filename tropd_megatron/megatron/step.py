@@ -162,7 +162,7 @@ class StepResult:
     grad_norm: Optional[float]
     lr: float
     skipped: bool  # no update (weights, optimizer state and LR schedule unchanged)
-    skip_reason: Optional[str]  # why: non-finite gradients on some rank, or a gradient-norm spike
+    skip_reason: Optional[str]  # why: no loss tokens, non-finite gradients on some rank, a gradient-norm spike
     seconds: dict  # teacher / student / optimizer wall time
 
 
@@ -209,7 +209,12 @@ def train_step(
     # Megatron's fp32 and bf16 optimizers apply non-finite gradients (only fp16 loss scaling
     # checks): refuse the update here so the weights never become non-finite
     updated, grad_norm, skip = False, None, None
-    if not _gradients_finite(student.model):
+    last_stage = parallel_state.is_pipeline_last_stage()
+    # Every token masked (no response tokens, or a teacher that is non-finite everywhere): the
+    # gradient is zero, but Adam's momentum and weight decay would still move the weights
+    if not any_rank(last_stage and sum(float(m["tokens"]) for m in collected) > 0):
+        skip = "no loss tokens (every token masked)"
+    elif not _gradients_finite(student.model):
         skip = "non-finite gradients"
     elif student.spike_guard is not None and (threshold := student.spike_guard.threshold()) is not None:
         # prepare_grads only copies the model's gradients into the optimizer's (bf16 / fp32), so
@@ -227,7 +232,7 @@ def train_step(
         student.scheduler.step(increment=1)
     t3 = time.perf_counter()
     metrics = {}
-    if parallel_state.is_pipeline_last_stage():
+    if last_stage:
         sums = {k: sum(m[k] for m in collected) for k in collected[0]}
         metrics = reduce_metrics(sums, parallel_state.get_data_parallel_group())
     return StepResult(
