@@ -1,5 +1,8 @@
 """Entry points: ``python -m launch.NAME`` from the repository root."""
+import os
 import sys
+import threading
+import time
 
 from tropd_megatron import RunError
 
@@ -7,10 +10,29 @@ BAD_INPUT_EXIT = 2
 RUN_ERROR_EXIT = 1
 
 
+def exit_with_launcher(poll_seconds: float = 1.0) -> None:
+    """Under torchrun, exit when torchrun is gone: its workers run in sessions of their own, so
+    after a ``kill -9`` of torchrun they would train on and write checkpoints beside the next
+    launch. (Not outside torchrun: a ``nohup`` run outlives its shell on purpose.)"""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(poll_seconds)
+        print(f"error: rank {os.environ.get('RANK', '?')}: torchrun (pid {launcher}) is gone; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(RUN_ERROR_EXIT)  # checkpoints are written atomically: a save cut short is never read
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
+
+
 def run_main(main, argv=None) -> int:
     """The exit code of ``main(argv)``: 0, or 2 after printing ``error: ...`` once when it
     raises on bad configuration or input (ValueError, FileNotFoundError: the message names the
     key or file), or 1 after a RunError (a run that cannot go on)."""
+    exit_with_launcher()
     try:
         main(argv)
         return 0

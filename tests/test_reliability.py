@@ -3,7 +3,8 @@ when a node dies), between checkpoints or in the middle of writing one, and laun
 resumes from its last complete checkpoint and reaches bitwise the same per-step metrics and
 final evaluation as a run that was never interrupted. A teacher whose logits overflow has its
 tokens masked, the updates skipped and counted, and the run stopped with the reason; a
-checkpoint holding NaN weights is refused naming the file and tensor."""
+checkpoint holding NaN weights is refused naming the file and tensor. Workers exit when
+torchrun alone is killed."""
 import os
 import subprocess
 import sys
@@ -94,6 +95,26 @@ def test_sigkill_then_relaunch_matches_an_uninterrupted_run_bitwise(tmp_path):
             name = f"eval/step_{step:08d}.jsonl"
             assert (tmp_path / run / name).read_text() == (tmp_path / "whole" / name).read_text(), run
 
+
+@pytest.mark.timeout(200)
+def test_workers_exit_when_torchrun_alone_is_killed(tmp_path):
+    """They run in sessions of their own; left running they would write checkpoints beside
+    the next launch."""
+    import psutil
+
+    job = launch(make_tiny_files(tmp_path) + ["schedule.steps=40", "eval.path=null"])
+    for line in job.stdout:
+        if line.startswith("step 1/"):
+            break
+    workers = psutil.Process(job.pid).children(recursive=True)
+    assert len(workers) == 2
+    psutil.Process(job.pid).kill()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    for p in alive:
+        p.kill()
+    assert not alive, "workers outlived torchrun"
+    # the first rank to notice says so; the other may instead fail on its peer's closed connection
+    assert f"torchrun (pid {job.pid}) is gone; exiting" in job.stdout.read()
 
 def faulty_teacher(root, fault: str) -> list:
     """A Hugging Face teacher of finite weights whose logits overflow to +-inf (``overflow``), or
