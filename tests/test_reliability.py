@@ -116,6 +116,7 @@ def test_workers_exit_when_torchrun_alone_is_killed(tmp_path):
     # the first rank to notice says so; the other may instead fail on its peer's closed connection
     assert f"torchrun (pid {job.pid}) is gone; exiting" in job.stdout.read()
 
+
 def faulty_teacher(root, fault: str) -> list:
     """A Hugging Face teacher of finite weights whose logits overflow to +-inf (``overflow``), or
     one with a NaN weight (``nan``); the overrides that run the tiny recipe with it."""

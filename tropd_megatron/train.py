@@ -249,7 +249,7 @@ class Trainer:
 
     def _check_not_stalled(self, reason) -> None:
         limit, skipped = self.cfg.optim.max_skipped_in_a_row, self.history["skipped_steps"]
-        if limit and len(skipped) >= limit and skipped[-limit:] == list(range(self.step - limit + 1, self.step + 1)):
+        if limit and skipped[-limit:] == list(range(self.step - limit + 1, self.step + 1)):
             latest = latest_checkpoint(self.cfg.checkpoint.dir)
             raise StalledRun(
                 f"the last {limit} updates were all skipped (optim.max_skipped_in_a_row={limit}; last reason: "
