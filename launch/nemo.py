@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from recipes import get_recipe, recipe_parser
+from recipes import absolute_spec, get_recipe, recipe_parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_DEFAULT = 8  # GPUs per node requested for GPU recipes when --gpus-per-node is not given
@@ -65,10 +65,13 @@ def check_memory(config, gpus: int) -> None:
 
 
 def train_script(args: argparse.Namespace):
-    """The task: ``torchrun ... -m launch.train --recipe NAME overrides...`` (the executor adds torchrun)."""
+    """The task: ``torchrun ... -m launch.train --recipe NAME overrides...`` (the executor adds torchrun).
+    A recipe of the user's own must be importable where the job runs (a file on a shared file
+    system, or a module on the job's PYTHONPATH)."""
     import nemo_run as run
 
-    return run.Script(path="launch.train", args=["--recipe", args.recipe, *args.overrides], entrypoint="python", m=True)
+    return run.Script(path="launch.train", args=["--recipe", absolute_spec(args.recipe), *args.overrides],
+                      entrypoint="python", m=True)
 
 
 def experiments_dir(args: argparse.Namespace) -> str:

@@ -11,7 +11,8 @@
 # directories) continues a run.
 #
 # Environment knobs (read at job start; sbatch exports the submitting shell's environment):
-#   TROPD_RECIPE          recipe name                                  [llama3_70b_to_8b]
+#   TROPD_RECIPE          recipe: a built-in name, package.module:function or path/to/file.py:function
+#                         (relative to TROPD_REPO; importable on every node)   [llama3_70b_to_8b]
 #   TROPD_OVERRIDES       extra dotted key=value recipe overrides, space-separated (no spaces
 #                         inside a value), passed last to `launch.train`   [empty]
 #   TROPD_REPO            repository root the job runs in              [$SLURM_SUBMIT_DIR]

@@ -207,6 +207,26 @@ def test_recipe_models_match_the_published_configs(tmp_path, name):
         check_matches(model, tmp_path, "teacher")
 
 
+def test_float32_stored_settings_match_and_differences_are_stated_once(tmp_path):
+    """A config.json that stores 1e-5 as float32 matches a recipe that says 1e-5; a shape
+    difference in the per-head size names the sizes, not two equal values."""
+    import recipes.models
+    from tropd_megatron.megatron.hf_checkpoint import check_matches
+
+    published = dict(PUBLISHED["llama3_8b"], rms_norm_eps=9.999999747378752e-06)
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    check_matches(recipes.models.llama3_8b(), tmp_path, "student")
+    (tmp_path / "config.json").write_text(json.dumps(dict(published, num_attention_heads=64, rms_norm_eps=1e-6)))
+    with pytest.raises(ValueError) as refused:
+        check_matches(recipes.models.llama3_8b(), tmp_path, "student")
+    message = str(refused.value)
+    assert "student.model.norm_epsilon=1e-05 but the checkpoint has 1e-06" in message
+    assert "student.model.kv_channels=None gives heads of 128 but the checkpoint's are 64" in message
+    for line in message.splitlines()[1:-1]:
+        configured, _, stored = line.partition(" but the checkpoint has ")
+        assert not stored or configured.rsplit("=", 1)[1] != stored, line
+
+
 def _load_worker(rank, world, folder):
     initialize(ParallelConfig())
     config = model_config_from_hf(folder, vocab_size=VOCAB)

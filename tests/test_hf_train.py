@@ -1,7 +1,9 @@
 """A TrOPD run from Hugging Face folders and back: a tiny Llama teacher with padded embedding
 rows and its own end-of-turn token, a tiny Qwen2 student without padding, a Hugging Face
 tokenizer with a chat template; two steps at TP = 2 with teacher prefixes, then the trained
-student exported at TP = 1 and loaded by transformers."""
+student exported at TP = 1 and loaded by transformers. The run is a recipe of the user's own
+(a Python file whose function builds both model configs from the folders, as the README shows),
+which launch.train, launch.export and launch.evaluate all take."""
 import json
 import os
 import subprocess
@@ -11,13 +13,37 @@ import pytest
 import torch
 
 from distributed import free_port
-from hf_models import hf_model, hf_tokenizer, model_overrides
+from hf_models import hf_model, hf_tokenizer
 from tiny_files import make_tiny_files
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# What a user writes for models the project does not ship (README: "Your own recipe").
+USER_RECIPE = """
+from dataclasses import replace
+
+from recipes.models import from_hf
+from recipes.tiny import tiny
+from tropd_megatron.run_config import ModelSpec
+
+
+def distill_my_llama():
+    root = "{root}"
+    run = tiny(root)  # the tiny task's data, schedule and objective; the models are ours
+    return replace(
+        run, name="distill_my_llama", tokenizer=f"{{root}}/student_tokenizer",
+        teacher_tokenizer=f"{{root}}/teacher_tokenizer",
+        teacher=ModelSpec(from_hf(f"{{root}}/teacher", vocab_size={vocab}), checkpoint=f"{{root}}/teacher"),
+        student=ModelSpec(from_hf(f"{{root}}/student"), checkpoint=f"{{root}}/student"),
+        data=replace(run.data, chat_template="tokenizer"),
+        rollout=replace(run.rollout, prefix_share_start=0.5, prefix_share_end=0.5, prefix_tokens_start=4,
+                        prefix_tokens_end=4),
+    )
+"""
 
 
 @pytest.mark.timeout(420)
@@ -35,14 +61,13 @@ def test_tropd_from_hugging_face_folders_then_export(tmp_path):
     (tmp_path / "student" / "generation_config.json").write_text('{"eos_token_id": 1}')
     for file in (tmp_path / "student_tokenizer").iterdir():  # the student's folder carries its tokenizer
         (tmp_path / "student" / file.name).write_bytes(file.read_bytes())
-    overrides = [*files, *model_overrides("teacher", tmp_path / "teacher", vocab),
-                 *model_overrides("student", tmp_path / "student", vocab),
-                 f"tokenizer={tmp_path}/student_tokenizer", f"teacher_tokenizer={tmp_path}/teacher_tokenizer",
-                 "data.chat_template=tokenizer", f"teacher.checkpoint={tmp_path}/teacher",
-                 f"student.checkpoint={tmp_path}/student", "schedule.steps=2", "rollout.prefix_share_start=0.5",
-                 "rollout.prefix_share_end=0.5", "rollout.prefix_tokens_start=4", "rollout.prefix_tokens_end=4"]
+    recipe = tmp_path / "my_recipes.py"
+    recipe.write_text(USER_RECIPE.format(root=tmp_path, vocab=vocab))
+    spec = f"{recipe}:distill_my_llama"
+    # the short-run settings of the other tiny tests, not their random models and tokenizer
+    overrides = [o for o in files if not o.startswith(("tokenizer=", "teacher.", "student."))] + ["schedule.steps=2"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "launch.train", "--recipe", "tiny", *overrides]
+           "-m", "launch.train", "--recipe", spec, *overrides]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"vocabulary: {vocab} tokens; both models get {vocab + 6} embedding rows" in out.stderr
@@ -54,7 +79,7 @@ def test_tropd_from_hugging_face_folders_then_export(tmp_path):
     env = {**ENV, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
     exported = tmp_path / "student_trained"
-    ex = subprocess.run([sys.executable, "-m", "launch.export", "--recipe", "tiny", "--out", str(exported),
+    ex = subprocess.run([sys.executable, "-m", "launch.export", "--recipe", spec, "--out", str(exported),
                          *overrides, "parallel.tensor=1"], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=120)
     assert ex.returncode == 0, ex.stderr[-3000:]
@@ -75,7 +100,7 @@ def test_tropd_from_hugging_face_folders_then_export(tmp_path):
 
     # the exported folder is a student checkpoint in its own right: avg@n straight from it
     env["MASTER_PORT"] = str(free_port())
-    ev = subprocess.run([sys.executable, "-m", "launch.evaluate", "--recipe", "tiny", "--problems",
+    ev = subprocess.run([sys.executable, "-m", "launch.evaluate", "--recipe", spec, "--problems",
                          str(tmp_path / "held_out.jsonl"), "--weights", str(exported), *overrides, "parallel.tensor=1"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert ev.returncode == 0, ev.stderr[-3000:]

@@ -48,6 +48,77 @@ def test_unknown_recipe():
         get_recipe("x")
 
 
+MY_RECIPES = """
+from dataclasses import replace
+
+from recipes.tiny import tiny
+
+
+def short_tiny():
+    return replace(tiny(), name="short_tiny", schedule=replace(tiny().schedule, steps=7))
+
+
+def not_a_recipe():
+    return {"name": "x"}
+"""
+
+
+@pytest.fixture
+def my_recipes(tmp_path, monkeypatch):
+    """A user's recipe module, as a file and importable as my_pkg.my_recipes."""
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "my_recipes.py").write_text(MY_RECIPES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_a_recipe_of_your_own_from_a_module_or_a_file(my_recipes):
+    for spec in ("my_pkg.my_recipes:short_tiny", f"{my_recipes}/my_pkg/my_recipes.py:short_tiny"):
+        cfg = get_recipe(spec, ["optim.lr=0.5"])
+        assert cfg.name == "short_tiny" and cfg.schedule.steps == 7 and cfg.optim.lr == 0.5
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("my_pkg.my_recipes:nope", "recipe 'my_pkg.my_recipes:nope': my_pkg.my_recipes has no function 'nope' "
+                               "(its functions: not_a_recipe, short_tiny)"),
+    ("my_pkg.missing:run", "recipe 'my_pkg.missing:run': cannot import 'my_pkg.missing' (is its folder on PYTHONPATH?"),
+    ("/nonexistent/r.py:run", "recipe '/nonexistent/r.py:run': no such file /nonexistent/r.py"),
+    ("my_pkg.my_recipes:not_a_recipe", "recipe 'my_pkg.my_recipes:not_a_recipe' returned dict, not a RunConfig"),
+])
+def test_a_bad_recipe_of_your_own_is_named(my_recipes, spec, message):
+    with pytest.raises(ValueError) as e:
+        get_recipe(spec)
+    assert message in str(e.value)
+
+
+@pytest.mark.timeout(120)
+def test_every_launcher_takes_a_recipe_of_your_own(my_recipes, tmp_path):
+    """launch.train and launch.plan (a module on PYTHONPATH, a file), launch.nemo's Slurm job
+    script (the file's path made absolute, for a job that starts elsewhere); launch.export and
+    launch.evaluate run one in test_hf_train, slurm/tropd_70b.sh in test_slurm."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": str(my_recipes), "NEMORUN_HOME": str(tmp_path / "nemo")}
+    file_spec = os.path.relpath(my_recipes / "my_pkg" / "my_recipes.py", repo) + ":short_tiny"
+    for argv in (["launch.train", "--recipe", "my_pkg.my_recipes:short_tiny", "--print-config"],
+                 ["launch.train", "--recipe", file_spec, "--print-config"],
+                 ["launch.plan", "--recipe", file_spec]):
+        out = subprocess.run([sys.executable, "-m", *argv], cwd=repo, env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "short_tiny" in out.stdout, out.stdout[-2000:]
+    pytest.importorskip("nemo_run")
+    out = subprocess.run([sys.executable, "-m", "launch.nemo", "--recipe", file_spec, "--executor", "slurm",
+                          "--dryrun"], cwd=repo, env=env, capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr[-2000:]
+    script = next(line.split(": ", 1)[1] for line in out.stdout.splitlines() if line.startswith("sbatch script: "))
+    assert f"--recipe {my_recipes}/my_pkg/my_recipes.py:short_tiny" in open(script).read()
+
+
 def test_resume_conflicts_ignore_logging_and_eval_but_not_training_settings():
     saved = flatten(get_recipe("tiny"))
     assert resume_conflicts(saved, get_recipe("tiny", ["eval.every=5", "logging.log_every=3",

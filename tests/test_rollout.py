@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distributed import run_workers
+from forcing import bias_token
 from tropd_megatron.data import PromptDataConfig, PromptStream
 
 pytest.importorskip("megatron.core")
@@ -77,7 +78,7 @@ def test_microbatch_segments_and_masks():
     assert len(mbs) == 2 and all(mb.tokens.shape == (2, 6) for mb in mbs)
     first, second = mbs
     assert first.tokens[0].tolist() == [5, 6, 7, 20, 21, 30] and first.labels[0].tolist() == [6, 7, 20, 21, 30, EOS]
-    assert first.loss_mask[0].tolist() == [0, 0, 1, 1, 1, 1]
+    assert first.loss_mask[0].tolist() == [0, 0, 1, 1, 1, 1]  # the end token is a label, in the loss
     assert first.prefix_mask[0].tolist() == [False, False, True, True, False, False]
     assert first.rollout_logprobs[0].tolist() == [0, 0, 0, 0, -0.5, -0.25]
     assert first.tokens[1].tolist() == [8, 9, 40, 41, EOS, EOS] and first.labels[1].tolist() == [9, 40, 41, 42, EOS, EOS]
@@ -147,6 +148,12 @@ def _iteration_worker(rank, world, path):
             expect_prefix = teacher_gen.generate([r.prompt], SamplingConfig(top_k=1, max_new_tokens=3))[0].tokens
             expect_rest = student_gen.generate([r.prompt + r.prefix], SamplingConfig(top_k=1, max_new_tokens=5))[0].tokens
             checks.append(r.prefix == expect_prefix and r.continuation == expect_rest)
+    # the student ends its turn after a few tokens (a biased end-token row), often before the budget
+    bias_token(student.model.module, EOS, 2.0)
+    sampled = RolloutConfig(SamplingConfig(max_new_tokens=8), rollouts_per_prompt=4)
+    ended = collect_rollouts(student_gen, teacher_gen, batch, sampled, step=0, total_steps=2, seed=2)
+    ends = [(r.continuation[-1] == EOS, r.stopped, len(r.continuation_logprobs) == len(r.continuation),
+             len(r.continuation)) for r in ended]
     before = [p.detach().clone() for p in student.model.module.parameters()]
     teacher_before = [p.detach().clone() for p in teacher.parameters()]
     sampled = RolloutConfig(SamplingConfig(max_new_tokens=8), rollouts_per_prompt=2, micro_batch_size=2,
@@ -154,7 +161,7 @@ def _iteration_worker(rank, world, path):
     results = [run_iteration(student, teacher, student_gen, teacher_gen, prompts, sampled, TrOPDConfig(topk=8),
                              prompts_per_step=2, vocab_size=60, step=s, total_steps=2) for s in range(2)]
     return dict(
-        prefixed=sum(bool(r.prefix) for r in rollouts), checks=checks,
+        prefixed=sum(bool(r.prefix) for r in rollouts), checks=checks, ends=ends,
         metrics=[r.metrics for r in results], seconds=[r.seconds for r in results],
         student_changed=any(not torch.equal(a, b) for a, b in zip(before, student.model.module.parameters())),
         teacher_same=all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters())),
@@ -173,4 +180,10 @@ def test_full_iteration_at_tp2(tmp_path):
             assert m["rollouts"] == 4 and m["response_tokens"] > 0 and m["tokens_per_second"] > 0
             assert set(sec) == {"rollout", "teacher", "student", "optimizer", "total"}
         assert r["metrics"][0]["prefix_tokens"] > 0 and r["metrics"][0]["prefixed_fraction"] == 0.5
+        # rollouts that stopped end with the end token and its log-prob; the rest used the budget
+        assert any(stopped for _, stopped, _, _ in r["ends"]) and not all(stopped for _, stopped, _, _ in r["ends"])
+        for ends_with_eos, stopped, has_logprobs, length in r["ends"]:
+            assert ends_with_eos == stopped and has_logprobs and (stopped or length == 8)
+        for m in r["metrics"]:  # every generated token is a loss token, the end tokens too
+            assert 0 < m["stopped_fraction"] and m["tokens"] == m["response_tokens"]
     assert ranks[0]["metrics"][1]["loss"] == ranks[1]["metrics"][1]["loss"]

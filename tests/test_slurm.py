@@ -36,8 +36,8 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def job_env(cluster, overrides):
-    return {**cluster.env, "TROPD_GPUS_PER_NODE": "0", "TROPD_NPROC_PER_NODE": "2", "TROPD_RECIPE": "tiny",
+def job_env(cluster, overrides, recipe="tiny"):
+    return {**cluster.env, "TROPD_GPUS_PER_NODE": "0", "TROPD_NPROC_PER_NODE": "2", "TROPD_RECIPE": recipe,
             "TROPD_REPO": ROOT, "TROPD_PYTHON": sys.executable, "TROPD_OVERRIDES": " ".join(overrides),
             "OMP_NUM_THREADS": "1"}
 
@@ -56,15 +56,17 @@ def failure(cluster, log) -> str:
 
 @pytest.mark.timeout(600)  # includes the module's cluster start (and apt-get install when Slurm is missing)
 def test_two_steps_finish_with_a_checkpoint(cluster, tmp_path):
+    """With a recipe of the user's own (a file beside the job, TROPD_RECIPE=path:function)."""
     overrides = make_tiny_files(tmp_path) + ["schedule.steps=2"]
+    (tmp_path / "my_recipes.py").write_text("from recipes.tiny import tiny\n\n\ndef my_tiny():\n    return tiny()\n")
     log = tmp_path / "job.out"
     started = time.time()
     out = cluster.run(["sbatch", "--wait", *CPU_JOB, f"--output={log}", SCRIPT], check=False, timeout=400,
-                      env=job_env(cluster, overrides), cwd=tmp_path)
+                      env=job_env(cluster, overrides, f"{tmp_path}/my_recipes.py:my_tiny"), cwd=tmp_path)
     print(f"sbatch --wait: {time.time() - started:.1f} s")
     text = read(log)
     assert out.returncode == 0, f"sbatch exited {out.returncode}: {out.stderr}\n" + failure(cluster, log)
-    assert "2 ranks (2/node, 0 GPUs/node)" in text and "recipe tiny" in text, text[-3000:]
+    assert "2 ranks (2/node, 0 GPUs/node)" in text and f"recipe {tmp_path}/my_recipes.py:my_tiny" in text, text[-3000:]
     assert f"checkpoints: {tmp_path}/run" in text and f"tensorboard: {tmp_path}/tensorboard" in text
     assert "step 2/2 loss" in text and "training finished" in text, text[-3000:]
     assert (tmp_path / "run" / "latest").read_text() == "step_00000002"

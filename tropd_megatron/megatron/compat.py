@@ -38,9 +38,6 @@ def inference_engine(model, *, hidden_size: int, params_dtype, padded_vocab_size
     from megatron.core.inference.engines import static_engine
     from megatron.core.inference.engines.static_engine import StaticInferenceEngine
     from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
-    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
-        TextGenerationController,
-    )
     from tqdm import tqdm
 
     # its per-call "static requests" bar would interleave with the run's own progress output
@@ -61,7 +58,7 @@ def inference_engine(model, *, hidden_size: int, params_dtype, padded_vocab_size
             padded_vocab_size=padded_vocab_size, inference_max_requests=max_batch_size,
             inference_max_seq_length=max_sequence_length,
         ))
-    controller = TextGenerationController(wrapped, tokenizer)
+    controller = _controller_keeping_end_token()(wrapped, tokenizer)
     engine = StaticInferenceEngine(controller, max_batch_size=max_batch_size, random_seed=seed, legacy=True)
     if MEGATRON_VERSION >= (0, 19):
         # 0.19's engine constructor sets the process-wide InferenceMode flag and the static engine
@@ -71,6 +68,31 @@ def inference_engine(model, *, hidden_size: int, params_dtype, padded_vocab_size
 
         InferenceMode.unset_active()
     return engine, controller
+
+
+def _controller_keeping_end_token():
+    """Megatron's TextGenerationController, counting the end token as generated.
+
+    Its static path (0.16 and 0.19 alike) marks a sequence done on the step that samples the
+    end token before counting that step in ``generated_length``, so the returned tokens and
+    log-probs stopped one short: the end token and its log-prob were dropped, and with them
+    the student's only training signal on when to stop. The sampled token and its log-prob
+    are in the engine's buffers; counting the step returns them.
+    """
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+        TextGenerationController,
+    )
+
+    class Controller(TextGenerationController):
+        def update_generation_status(self, updated_prompts_tokens, generation_started, current_context_end_position,
+                                     is_generation_done_tensor, generated_sequence_lengths, termination_id=None):
+            was_done = is_generation_done_tensor.clone()
+            done, lengths = super().update_generation_status(
+                updated_prompts_tokens, generation_started, current_context_end_position, is_generation_done_tensor,
+                generated_sequence_lengths, termination_id)
+            return done, lengths + (done & ~was_done & generation_started).int()
+
+    return Controller
 
 
 def generate_token_ids(engine, prompts: list, sampling_params) -> list:

@@ -14,6 +14,7 @@ to -inf by ``build_gpt``) are copied where both sides have them and zero otherwi
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, fields
@@ -124,14 +125,24 @@ def check_matches(config: ModelConfig, folder, what: str) -> None:
     ValueError lists each difference and the overrides that take the checkpoint's shape."""
     found = model_config_from_hf(folder, vocab_size=config.vocab_size)
     names = [f.name for f in fields(ModelConfig)
-             if f.name not in _NOT_COMPARED and getattr(config, f.name) != getattr(found, f.name)]
-    if config.head_dim != found.head_dim:
-        names.append("kv_channels")
-    if names:
-        wrong = [f"{what}.model.{n}={getattr(config, n)!r} but the checkpoint has {getattr(found, n)!r}" for n in names]
-        fix = " ".join(f"{what}.model.{n}={_override(getattr(found, n))}" for n in names)
+             if f.name not in _NOT_COMPARED and not _same(getattr(config, f.name), getattr(found, f.name))]
+    wrong = [f"{what}.model.{n}={getattr(config, n)!r} but the checkpoint has {getattr(found, n)!r}" for n in names]
+    fix = [f"{what}.model.{n}={_override(getattr(found, n))}" for n in names]
+    if config.head_dim != found.head_dim:  # kv_channels None means hidden_size / heads: say the sizes
+        wrong.append(f"{what}.model.kv_channels={config.kv_channels!r} gives heads of {config.head_dim} but the "
+                     f"checkpoint's are {found.head_dim}")
+        fix.append(f"{what}.model.kv_channels={found.head_dim}")
+    if wrong:
+        fix = " ".join(fix)
         raise ValueError(f"{what}.checkpoint={folder} ({Path(folder) / CONFIG}) does not match the configured "
                          "model:\n  " + "\n  ".join(wrong) + f"\nto take the checkpoint's shape, add: {fix}")
+
+
+def _same(configured, stored) -> bool:
+    """Equal, floats within a relative 1e-6: config.json files store 1e-5 as float32 (9.999999747e-06)."""
+    if isinstance(configured, float) and isinstance(stored, float):
+        return math.isclose(configured, stored, rel_tol=1e-6)
+    return configured == stored
 
 
 def _override(value) -> str:
