@@ -12,7 +12,7 @@ setup(
     # on GPU clusters the container's CUDA torch is used as is.
     install_requires=["torch>=2.4", "sentencepiece"],
     extras_require={
-        "megatron": ["megatron-core>=0.16.1,<0.20", "psutil", "tqdm", "omegaconf",
+        "megatron": ["megatron-core>=0.16.1,<0.20", "psutil", "tqdm", "omegaconf", "einops",
                      "safetensors", "transformers>=4.51"],  # Hugging Face checkpoints and tokenizers
         "nemo": ["nemo-run", "leptonai<0.47"],
         "demo": ["tensorboard", "matplotlib"],

@@ -22,6 +22,7 @@ from recipes.tiny import tiny
 from tropd_megatron.run_config import apply_overrides, leaf_keys
 from tropd_megatron.evaluation.benchmark import evaluate
 from tropd_megatron.megatron import initialize
+from tropd_megatron.megatron.inference import Generator
 from tropd_megatron.tasks.tiny import TinyTaskConfig, prepare
 from tropd_megatron.train import Trainer, is_logger, read_metrics
 
@@ -81,8 +82,12 @@ def main(argv=None) -> dict:
     initialize(cfg.parallel, seed=cfg.schedule.seed)
     prepare(cfg, task_cfg)
     trainer = Trainer(cfg)
-    teacher = evaluate(trainer.teacher_generator, trainer.eval_problems, trainer.tokenizer.decode,
+    teacher_generator = Generator(trainer.teacher, trainer.teacher_generator.config, eos_id=trainer.tokenizer.eos_id,
+                                  engine=cfg.rollout.engine, name="teacher",
+                                  max_request_tokens=cfg.data.max_prompt_tokens + cfg.eval.max_new_tokens)
+    teacher = evaluate(teacher_generator, trainer.eval_problems, trainer.tokenizer.decode,
                        max_new_tokens=cfg.eval.max_new_tokens, progress=False)
+    del teacher_generator  # its KV cache
     result = trainer.run()
     evals = result["history"]["eval"]
     metrics = read_metrics(cfg.checkpoint.dir).values() if is_logger() else []

@@ -43,11 +43,11 @@ def main(argv=None) -> None:
     path = load_weights(trained_student(cfg, args.weights), model, student_model, "student")
     problems = load_problems(replace(cfg.data, path=args.problems), prompt_encoder(tokenizer, cfg.data.chat_template),
                              args.max_problems)
-    generator = Generator(model, student_model, eos_id=tokenizer.eos_id,
-                          max_batch_size=cfg.rollout.generation_batch_size, name="student")
+    budget = args.max_new_tokens or cfg.eval.max_new_tokens
+    generator = Generator(model, student_model, eos_id=tokenizer.eos_id, engine=cfg.rollout.engine,
+                          max_request_tokens=cfg.data.max_prompt_tokens + budget, name="student")
     result = evaluate(generator, problems, tokenizer.decode, samples=args.samples, temperature=args.temperature,
-                      max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens, seed=cfg.schedule.seed,
-                      results_path=args.results)
+                      max_new_tokens=budget, seed=cfg.schedule.seed, results_path=args.results)
     if dist.get_rank() == 0:
         print(json.dumps({"weights": str(path), "problems_file": args.problems, **result.as_dict()}), flush=True)
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from tropd_megatron.data import PromptDataConfig
 from tropd_megatron.megatron.config import OptimConfig, ParallelConfig
-from tropd_megatron.megatron.inference import SamplingConfig
+from tropd_megatron.megatron.inference import EngineConfig, SamplingConfig
 from tropd_megatron.megatron.rollout import RolloutConfig
 from tropd_megatron.run_config import (CheckpointConfig, EvalConfig, LoggingConfig, ModelSpec, RunConfig,
                                        ScheduleConfig)
@@ -30,7 +30,9 @@ def llama3_70b_to_8b(root: str = "/checkpoints/tropd") -> RunConfig:
         data=PromptDataConfig(f"{root}/data/prompts.jsonl", chat_template="tokenizer", max_prompt_tokens=1024),
         parallel=ParallelConfig(tensor=8),
         rollout=RolloutConfig(SamplingConfig(max_new_tokens=7168), rollouts_per_prompt=4, micro_batch_size=1,
-                              generation_batch_size=16,
+                              # every rollout of a rank in flight at once; the KV buffer, not the
+                              # number of requests, bounds concurrency (launch.plan)
+                              engine=EngineConfig(max_requests=128, kv_cache_gib=12),
                               prefix_share_start=0.5, prefix_tokens_start=256),
         optim=OptimConfig(lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.01, spike_factor=10.0),
         schedule=ScheduleConfig(steps=200, prompts_per_step=128),

@@ -4,7 +4,7 @@ files it names (prompts, tokenizer, SFT teacher and student) under ``root``."""
 from tropd_megatron.data import PromptDataConfig
 from tropd_megatron.losses import TrOPDConfig
 from tropd_megatron.megatron.config import ModelConfig, OptimConfig, ParallelConfig
-from tropd_megatron.megatron.inference import SamplingConfig
+from tropd_megatron.megatron.inference import EngineConfig, SamplingConfig
 from tropd_megatron.megatron.rollout import RolloutConfig
 from tropd_megatron.run_config import (CheckpointConfig, EvalConfig, LoggingConfig, ModelSpec, ObjectiveChoice,
                                        RunConfig, ScheduleConfig)
@@ -26,7 +26,8 @@ def tiny(root: str = "runs/demo") -> RunConfig:
         student=ModelSpec(tiny_model(2, 64), checkpoint=f"{root}/student_init"),
         data=PromptDataConfig(f"{root}/prompts.jsonl", chat_template=TEMPLATE, max_prompt_tokens=32),
         parallel=ParallelConfig(tensor=2),
-        rollout=RolloutConfig(SamplingConfig(max_new_tokens=40), rollouts_per_prompt=4, micro_batch_size=32),
+        rollout=RolloutConfig(SamplingConfig(max_new_tokens=40), engine=EngineConfig(kv_cache_gib=0.125),
+                              rollouts_per_prompt=4, micro_batch_size=32),
         objective=ObjectiveChoice("tropd", tropd=TrOPDConfig(topk=16)),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4),
         schedule=ScheduleConfig(steps=200, prompts_per_step=16),

@@ -12,7 +12,7 @@ pytest.importorskip("megatron.core")
 from tropd_megatron.data import PromptDataConfig  # noqa: E402
 from tropd_megatron.evaluation.benchmark import evaluate, load_problems  # noqa: E402
 from tropd_megatron.megatron import ModelConfig, ParallelConfig, build_gpt, initialize  # noqa: E402
-from tropd_megatron.megatron.inference import Generator  # noqa: E402
+from tropd_megatron.megatron.inference import EngineConfig, Generator  # noqa: E402
 
 CONFIG = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, vocab_size=12,
                      padded_vocab_size=12, max_sequence_length=32, init_method_std=0.5)
@@ -37,7 +37,7 @@ def write_problems(path, n=7):
 def _worker(rank, world, tp, path, results, samples):
     initialize(ParallelConfig(tp, 1), seed=0)
     model = build_gpt(CONFIG, ParallelConfig(tp, 1))
-    generator = Generator(model, CONFIG, eos_id=1, max_batch_size=4)
+    generator = Generator(model, CONFIG, eos_id=1, engine=EngineConfig(max_requests=4, kv_cache_gib=0.01))
     problems = load_problems(PromptDataConfig(path), tokenize)
     result = evaluate(generator, problems, decode, samples=samples, max_new_tokens=4, results_path=results,
                       progress=False)

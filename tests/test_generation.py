@@ -1,4 +1,5 @@
-"""Generation with Megatron's inference engine from the live model, on CPU (gloo)."""
+"""Generation with Megatron's inference engines (dynamic and static) from the live model, on
+CPU (gloo), at TP = 1 and TP = 2."""
 import numpy as np
 import pytest
 import torch
@@ -9,19 +10,25 @@ pytest.importorskip("megatron.core")
 
 from tropd_megatron.losses import gather_logprobs  # noqa: E402
 from tropd_megatron.megatron import MicroBatch, ModelConfig, ParallelConfig, build_gpt, initialize  # noqa: E402
-from tropd_megatron.megatron.inference import Generator, SamplingConfig  # noqa: E402
+from tropd_megatron.megatron.inference import EngineConfig, Generator, NonFiniteLogits, SamplingConfig  # noqa: E402
+from tropd_megatron.planner import kv_token_bytes  # noqa: E402
 
 EOS = 0
 CONFIG = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
                      vocab_size=60, padded_vocab_size=64, max_sequence_length=32, init_method_std=0.3)
-PROMPTS = [[5, 7, 9], [11, 3, 4, 8, 2], [1, 2]]
+# three lengths, two engine batches on the static engine; budgets differ within one call
+PROMPTS = [[5, 7, 9], [11, 3, 4, 8, 2], [1, 2], [9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9]]
+BUDGETS = [6, 3, 8, 5]
 # generation and training run the same fp32 model; they differ only in attention kernels
 # (KV cache vs full sequence) and summation order
 LOGPROB_ATOL = 1e-4
-
-
 NEVER = 63  # a padded vocabulary row: never generated, so an end token that never stops anything
 BUDGET = 6
+ENGINES = ("dynamic", "static")
+
+
+def engine(name, **settings):
+    return EngineConfig(name, **{"max_requests": 2, "kv_cache_gib": 0.001, "block_size_tokens": 256, **settings})
 
 
 def end_token_at_a_known_step(free: list) -> tuple[int, int]:
@@ -34,9 +41,9 @@ def end_token_at_a_known_step(free: list) -> tuple[int, int]:
     raise AssertionError(f"no token of {free} can end it after step 0")
 
 
-def _forward_logprobs(model, prompt, generated, tp):
-    """The training forward's log-probs of ``generated`` after ``prompt``, and its argmax at the
-    first generated position."""
+def _forward(model, prompt, generated, tp):
+    """The training forward over prompt + generated: the log-probs of ``generated`` and the
+    argmax at every generated position (gathered over TP ranks)."""
     from megatron.core import parallel_state
 
     full = torch.tensor([prompt + generated])
@@ -45,82 +52,112 @@ def _forward_logprobs(model, prompt, generated, tp):
         logits = model(*MicroBatch(tokens, labels, torch.ones_like(labels)).model_inputs())
     group = parallel_state.get_tensor_model_parallel_group()
     lp, _ = gather_logprobs(logits, labels[..., None], tp_group=group, vocab_size=CONFIG.vocab_size)
-    first = logits[0, len(prompt) - 1]  # local shard: take the global argmax over ranks
-    parts = [torch.empty_like(first) for _ in range(tp)]
-    torch.distributed.all_gather(parts, first, group=group)
-    return lp[0, len(prompt) - 1 :, 0].tolist(), int(torch.cat(parts)[: CONFIG.vocab_size].argmax())
+    positions = logits[0, len(prompt) - 1 :].contiguous()  # local shards: the argmax is over all ranks
+    parts = [torch.empty_like(positions) for _ in range(tp)]
+    torch.distributed.all_gather(parts, positions, group=group)
+    argmax = torch.cat(parts, dim=-1)[:, : CONFIG.vocab_size].argmax(-1)
+    return lp[0, len(prompt) - 1 :, 0].tolist(), argmax.tolist()
 
 
-def _worker(rank, world, tp):
+def _worker(rank, world, tp, name):
     initialize(ParallelConfig(tp, 1), seed=0)  # CPU init: the same weights at any TP size
     model = build_gpt(CONFIG, ParallelConfig(tp, 1))
-    gen = Generator(model, CONFIG, eos_id=EOS, max_batch_size=2)
-    greedy = gen.generate(PROMPTS, SamplingConfig(top_k=1, max_new_tokens=BUDGET))
-    sampled = [gen.generate(PROMPTS, SamplingConfig(temperature=1.0, max_new_tokens=BUDGET), seed=s)
-               for s in (3, 3, 4)]
+    gen = Generator(model, CONFIG, eos_id=EOS, engine=engine(name))
+    greedy = gen.generate(PROMPTS, SamplingConfig(top_k=1), max_new_tokens=BUDGETS)
+    greedy_forwards = gen.stats.forward_passes
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=BUDGET)
+    sampled = [gen.generate(PROMPTS, sampling, seed=s) for s in (3, 3, 4)]
+    alone = gen.generate(PROMPTS[:1], sampling, seed=3)  # the first request without the others
     assert model.training, "the model is back in train mode after generation"
 
     # the end token: unused, then one the model emits greedily at a known step
-    free = Generator(model, CONFIG, eos_id=NEVER, max_batch_size=2).generate(
+    free = Generator(model, CONFIG, eos_id=NEVER, engine=engine(name)).generate(
         PROMPTS, SamplingConfig(top_k=1, max_new_tokens=BUDGET))
     end, k = end_token_at_a_known_step(free[0].tokens)
-    ending = Generator(model, CONFIG, eos_id=end, max_batch_size=2)
+    ending = Generator(model, CONFIG, eos_id=end, engine=engine(name))
     ended = ending.generate(PROMPTS, SamplingConfig(top_k=1, max_new_tokens=BUDGET))
     cut = ending.generate(PROMPTS[:1], SamplingConfig(top_k=1, max_new_tokens=k))  # the budget ends first
-    forward = [_forward_logprobs(model, p, g.tokens, tp) for p, g in zip(PROMPTS, greedy)]
+
+    # KV memory for one or two requests at a time (blocks of 8 tokens): the rest wait in the queue
+    block = kv_token_bytes(CONFIG, tensor=tp, pipeline=1) * 8
+    small = Generator(model, CONFIG, eos_id=EOS, engine=engine(name, max_requests=4, block_size_tokens=8,
+                                                               kv_cache_gib=7 * block / 2**30))
+    queued = small.generate(PROMPTS * 2, SamplingConfig(top_k=1), max_new_tokens=BUDGETS * 2)
+
+    forward = [_forward(model, p, g.tokens, tp) for p, g in zip(PROMPTS, greedy)]
+    sampled_forward = [_forward(model, p, g.tokens, tp)[0] for p, g in zip(PROMPTS, sampled[0])]
+    ended_forward = [_forward(model, p, g.tokens, tp)[0] for p, g in zip(PROMPTS, ended)]
+    with torch.no_grad():  # a NaN weight: refused naming the model, not failing inside the sampler
+        model.output_layer.weight[0, 0] = float("nan")
+    try:
+        Generator(model, CONFIG, eos_id=EOS, engine=engine(name), name="teacher").generate(
+            PROMPTS[:1], SamplingConfig(top_k=1, max_new_tokens=2))
+        refused = ""
+    except NonFiniteLogits as e:
+        refused = str(e)
     return dict(
         greedy=[g.tokens for g in greedy], greedy_logprobs=[g.logprobs for g in greedy],
         stopped=[g.stopped for g in greedy], forward_logprobs=[f[0] for f in forward],
-        argmax_first=[f[1] for f in forward], sampled=[[g.tokens for g in run] for run in sampled],
+        forward_argmax=[f[1] for f in forward], sampled=[[g.tokens for g in run] for run in sampled],
+        sampled_logprobs=[g.logprobs for g in sampled[0]], sampled_forward=sampled_forward, alone=alone[0].tokens,
         free=[g.tokens for g in free], free_stopped=[g.stopped for g in free], end=end, k=k,
         ended=[g.tokens for g in ended], ended_stopped=[g.stopped for g in ended],
         ended_logprobs=[g.logprobs for g in ended],
-        ended_forward=[_forward_logprobs(model, p, g.tokens, tp)[0] for p, g in zip(PROMPTS, ended)],
+        ended_forward=ended_forward,
         cut=cut[0].tokens, cut_stopped=cut[0].stopped, cut_logprobs=len(cut[0].logprobs),
+        queued=[g.tokens for g in queued], queued_logprobs=[g.logprobs for g in queued],
+        queued_kv=small.stats.kv_bytes, queued_forwards=small.stats.forward_passes,
+        greedy_forwards=greedy_forwards, block=block, refused=refused,
     )
 
 
 @pytest.fixture(scope="module")
 def runs():
-    return {tp: run_workers(_worker, tp, tp) for tp in (1, 2)}
+    return {(name, tp): run_workers(_worker, tp, tp, name, timeout=150) for name in ENGINES for tp in (1, 2)}
 
 
-def test_greedy_generation_is_identical_at_tp1_and_tp2(runs):
-    tp1, tp2 = runs[1][0], runs[2]
-    assert all(r["greedy"] == tp1["greedy"] for r in tp2)
-    assert any(len(t) > 1 for t in tp1["greedy"])
-    for tokens, stopped in zip(tp1["greedy"], tp1["stopped"]):
-        assert stopped == (tokens[-1] == EOS) and (stopped or len(tokens) == BUDGET)
+@pytest.mark.parametrize("name", ENGINES)
+def test_greedy_tokens_are_the_argmax_of_a_plain_forward(runs, name):
+    """Every greedy token, for prompts of four lengths with four budgets in one call, is the
+    argmax of the training forward over prompt + tokens so far."""
+    r = runs[(name, 1)][0]
+    for tokens, argmax, budget, stopped in zip(r["greedy"], r["forward_argmax"], BUDGETS, r["stopped"]):
+        assert tokens == argmax, (tokens, argmax)
+        assert len(tokens) == budget or stopped
 
 
-def test_padded_vocabulary_ids_are_never_generated(runs):
+def test_engines_and_tp_sizes_generate_the_same_greedy_tokens(runs):
+    reference = runs[("static", 1)][0]["greedy"]
+    for key, ranks in runs.items():
+        assert all(r["greedy"] == reference for r in ranks), key
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_padded_vocabulary_ids_are_never_generated(runs, name):
     for tp in (1, 2):
-        for rank in runs[tp]:
+        for rank in runs[(name, tp)]:
             for tokens in rank["greedy"] + [t for run in rank["sampled"] for t in run]:
                 assert max(tokens) < CONFIG.vocab_size, tokens
 
 
-def test_first_greedy_token_is_the_argmax_of_a_plain_forward(runs):
-    for tp in (1, 2):
-        r = runs[tp][0]
-        assert [t[0] for t in r["greedy"]] == r["argmax_first"]
-
-
-def test_generation_logprobs_equal_the_training_forward(runs):
+@pytest.mark.parametrize("name", ENGINES)
+def test_generation_logprobs_equal_the_training_forward(runs, name):
     """What keeps OPD on-policy: the rollout's log-probs are the trained model's."""
     for tp in (1, 2):
-        r = runs[tp][0]
-        for got, expected in zip(r["greedy_logprobs"], r["forward_logprobs"]):
+        r = runs[(name, tp)][0]
+        pairs = zip(r["greedy_logprobs"] + r["sampled_logprobs"], r["forward_logprobs"] + r["sampled_forward"])
+        for got, expected in pairs:  # greedy and sampled (temperature 1) tokens
+            assert len(got) == len(expected)
             np.testing.assert_allclose(got, expected, atol=LOGPROB_ATOL, rtol=0)
 
 
-def test_a_sequence_that_stops_ends_with_the_end_token_and_its_logprob(runs):
+@pytest.mark.parametrize("name", ENGINES)
+def test_a_sequence_that_stops_ends_with_the_end_token_and_its_logprob(runs, name):
     """A model that emits the end token at a known step: its tokens end with it, with its
     log-prob (equal to the training forward's), and ``stopped`` is true; every prompt of the
-    batch (of three lengths, two batches) stops exactly where its unended continuation first
-    has the end token."""
+    call stops exactly where its unended continuation first has the end token."""
     for tp in (1, 2):
-        r = runs[tp][0]
+        r = runs[(name, tp)][0]
         assert not any(r["free_stopped"]) and all(len(t) == BUDGET for t in r["free"])
         end, k = r["end"], r["k"]
         assert r["ended"][0] == r["free"][0][: k + 1] and r["ended"][0][-1] == end and r["ended_stopped"][0]
@@ -130,21 +167,53 @@ def test_a_sequence_that_stops_ends_with_the_end_token_and_its_logprob(runs):
         for got, expected in zip(r["ended_logprobs"], r["ended_forward"]):
             assert len(got) == len(expected)  # one log-prob per token, the end token's included
             np.testing.assert_allclose(got, expected, atol=LOGPROB_ATOL, rtol=0)
-        assert all(rank["ended"] == r["ended"] for rank in runs[tp])
-    assert runs[1][0]["ended"] == runs[2][0]["ended"]
+        assert all(rank["ended"] == r["ended"] for rank in runs[(name, tp)])
 
 
-def test_a_budget_that_ends_first_leaves_no_end_token_and_does_not_stop(runs):
+@pytest.mark.parametrize("name", ENGINES)
+def test_a_budget_that_ends_first_leaves_no_end_token_and_does_not_stop(runs, name):
     for tp in (1, 2):
-        r = runs[tp][0]
+        r = runs[(name, tp)][0]
         assert r["cut"] == r["free"][0][: r["k"]] and r["end"] not in r["cut"]
         assert not r["cut_stopped"] and r["cut_logprobs"] == r["k"]
 
 
-def test_seeded_sampling_is_reproducible(runs):
+@pytest.mark.parametrize("name", ENGINES)
+def test_seeded_sampling_is_reproducible(runs, name):
     for tp in (1, 2):
-        for rank in runs[tp]:
+        for rank in runs[(name, tp)]:
             same_a, same_b, other = rank["sampled"]
             assert same_a == same_b
             assert other != same_a
-        assert all(rank["sampled"] == runs[tp][0]["sampled"] for rank in runs[tp])  # TP ranks agree
+        assert all(rank["sampled"] == runs[(name, tp)][0]["sampled"] for rank in runs[(name, tp)])  # TP ranks agree
+
+
+def test_a_requests_samples_depend_on_the_requests_beside_it(runs):
+    """Megatron's engines draw every request's token from one generator per step, so a
+    request's samples depend on which requests share its steps (documented in the README):
+    the first prompt sampled alone differs from the same prompt sampled with three others."""
+    for name in ENGINES:
+        r = runs[(name, 1)][0]
+        assert r["alone"] != r["sampled"][0][0], name
+
+
+def test_requests_beyond_the_kv_memory_wait_and_finish_correctly(runs):
+    """Eight requests, KV blocks for one or two at a time: every request finishes with the
+    tokens and log-probs it gets with memory to spare."""
+    for tp in (1, 2):
+        r = runs[("dynamic", tp)][0]
+        assert r["queued"] == r["greedy"] * 2
+        for got, expected in zip(r["queued_logprobs"], r["greedy_logprobs"] * 2):
+            np.testing.assert_allclose(got, expected, atol=LOGPROB_ATOL, rtol=0)
+        assert 0 < r["queued_kv"] <= 6 * r["block"]  # never more than the buffer's blocks
+
+
+def test_continuous_batching_takes_fewer_forwards_than_static_batches(runs):
+    """Four prompts of budgets 6 / 3 / 8 / 5, two at a time: the static engine decodes each
+    batch to its longest budget; the dynamic engine refills a finished slot at once."""
+    assert runs[("dynamic", 1)][0]["greedy_forwards"] < runs[("static", 1)][0]["greedy_forwards"]
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_nonfinite_logits_are_refused_naming_the_model(runs, name):
+    assert runs[(name, 1)][0]["refused"].startswith("teacher: NaN or +inf logits while generating")

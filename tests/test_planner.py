@@ -59,11 +59,35 @@ def items(config, gpus):
 
 
 def test_tensor_parallel_halves_every_model_shard():
-    tp1 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=1"]), 4)
-    tp2 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=2"]), 8)  # the same data parallel 4
+    static = ["rollout.engine.name=static"]  # the dynamic engine's buffer is a size per GPU, whatever the layout
+    tp1 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=1", *static]), 4)
+    tp2 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=2", *static]), 8)  # the same data parallel 4
     for name in ("student weights", "student gradients", "student optimizer", "teacher weights", "student logits",
                  "student KV cache", "teacher KV cache"):
         assert tp2[name] == pytest.approx(tp1[name] / 2, rel=1e-4), name
+
+
+def test_kv_caches_of_both_engines():
+    """Static: max_requests x the longest request. Dynamic: the kv_cache_gib buffer in whole
+    blocks, never more than max_requests longest requests (plus a dummy block): the teacher,
+    which only writes prefixes, is capped far below the student."""
+    from tropd_megatron.planner import kv_cache_bytes, kv_token_bytes, request_lengths
+
+    cfg = get_recipe("qwen3_8b_to_1p7b", ["rollout.engine.kv_cache_gib=1000"])
+    engine, lengths = cfg.rollout.engine, request_lengths(cfg)
+    assert lengths == {"student": 1024 + 8192, "teacher": 1024 + 256}
+    token = kv_token_bytes(cfg.teacher.model, tensor=2, pipeline=1)
+    assert token == 2 * 36 * (8 // 2) * 128 * 2  # K and V, layers, KV heads per rank, head_dim, bf16
+    blocks = engine.max_requests * (-(-lengths["teacher"] // engine.block_size_tokens)) + 1
+    assert kv_cache_bytes(cfg.teacher.model, engine, tensor=2, pipeline=1, request_tokens=lengths["teacher"]) \
+        == blocks * engine.block_size_tokens * token
+    small = dataclasses.replace(engine, kv_cache_gib=0.5)
+    got = kv_cache_bytes(cfg.student.model, small, tensor=2, pipeline=1, request_tokens=lengths["student"])
+    block = engine.block_size_tokens * kv_token_bytes(cfg.student.model, tensor=2, pipeline=1)
+    assert got == GIB // 2 // block * block
+    static = dataclasses.replace(engine, name="static", max_requests=16)
+    assert kv_cache_bytes(cfg.student.model, static, tensor=2, pipeline=1, request_tokens=9216) \
+        == 16 * 9216 * kv_token_bytes(cfg.student.model, tensor=2, pipeline=1)
 
 
 def test_data_parallel_shards_the_optimizer_and_the_rollout_batch_only():
@@ -71,7 +95,7 @@ def test_data_parallel_shards_the_optimizer_and_the_rollout_batch_only():
     dp2 = items(get_recipe("qwen3_8b_to_1p7b"), 4)
     assert dp2["student optimizer"] == dp1["student optimizer"] / 2
     # fewer rollouts per rank: fewer micro-batches of teacher signal; the KV caches are sized by
-    # rollout.generation_batch_size, not by the rollouts
+    # rollout.engine, not by the rollouts
     assert dp2["teacher signal"] == dp1["teacher signal"] / 2
     for name in ("student weights", "student gradients", "teacher weights", "student activations",
                  "student logits", "student KV cache", "teacher KV cache", "CUDA context, NCCL, workspaces"):
@@ -103,17 +127,19 @@ def test_teacher_kv_cache_only_with_prefix_guidance():
 
 
 def test_llama3_70b_recipe_layouts():
-    # the recipe as written (selective recompute, 16-sequence generation batches) fits 2 and 4 nodes
+    # the recipe as written (selective recompute, the dynamic engine's buffer) fits 2 and 4 nodes
     for gpus in (16, 32):
         memory = plan(get_recipe("llama3_70b_to_8b"), gpus)
-        assert memory.fits and 40 * GIB < memory.total < 60 * GIB
+        assert memory.fits and 40 * GIB < memory.total < 70 * GIB
         check_fits(get_recipe("llama3_70b_to_8b"), gpus)
     tp1 = plan(get_recipe("llama3_70b_to_8b", ["parallel.tensor=1"]), 16)
     assert not tp1.fits
     assert tp1.items["teacher weights (bf16)"] > GPU_MEMORY["H100-80GB"]  # 141 GB of teacher alone
-    # without recompute the s x s attention scores alone overflow; a 256-sequence KV cache too
+    # without recompute the s x s attention scores alone overflow; a static 256-sequence KV cache
+    # too, and a dynamic buffer of 60 GiB
     for overrides in (["student.model.recompute=none", "rollout.micro_batch_size=4"],
-                      ["rollout.generation_batch_size=256"]):
+                      ["rollout.engine.name=static", "rollout.engine.max_requests=256"],
+                      ["rollout.engine.kv_cache_gib=60", "rollout.engine.max_requests=512"]):
         assert not plan(get_recipe("llama3_70b_to_8b", overrides), 16).fits, overrides
         with pytest.raises(ValueError, match="does not fit"):
             check_fits(get_recipe("llama3_70b_to_8b", overrides), 16)
@@ -137,16 +163,18 @@ def test_impossible_layouts_are_refused(overrides, gpus, message):
 
 
 def test_format_shows_layout_counts_and_verdict():
-    text = plan(get_recipe("llama3_70b_to_8b", ["rollout.generation_batch_size=256"]), 16).format()
+    text = plan(get_recipe("llama3_70b_to_8b", ["rollout.engine.name=static", "rollout.engine.max_requests=256"]),
+                16).format()
     assert "16 x H100-80GB: tensor 8 x pipeline 1 x data 2" in text
     assert "teacher 70.55B parameters, student 8.03B" in text
-    assert "teacher KV cache (256 seqs)" in text and "does not fit:" in text
+    assert "teacher KV cache (static, 256 requests)" in text and "does not fit:" in text
 
 
 def test_main_exit_codes(capsys):
     assert main(["--recipe", "llama3_70b_to_8b", "--gpus", "32"]) == 0
     assert "fits:" in capsys.readouterr().out
-    assert main(["--recipe", "llama3_70b_to_8b", "--gpus", "16", "rollout.generation_batch_size=256"]) == 1
+    assert main(["--recipe", "llama3_70b_to_8b", "--gpus", "16", "rollout.engine.kv_cache_gib=60",
+                 "rollout.engine.max_requests=512"]) == 1
     assert "does not fit H100-80GB" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["--recipe", "llama3_70b_to_8b", "--gpus", "12"])

@@ -124,7 +124,7 @@ def test_resume_conflicts_ignore_logging_and_eval_but_not_training_settings():
     assert resume_conflicts(saved, get_recipe("tiny", ["eval.every=5", "logging.log_every=3",
                                                        "checkpoint.save_every=7", "parallel.tensor=1",
                                                        "teacher.checkpoint=/moved/teacher"])) == []
-    older = {k: v for k, v in saved.items() if k != "rollout.generation_batch_size"}  # a key added since
+    older = {k: v for k, v in saved.items() if k != "rollout.engine.block_size_tokens"}  # a key added since
     assert resume_conflicts(older, get_recipe("tiny")) == []
     conflicts = resume_conflicts(saved, get_recipe("tiny", ["optim.lr=0.1", "objective.tropd.topk=8"]))
     assert conflicts == ["objective.tropd.topk: checkpoint 16, now 8", "optim.lr: checkpoint 0.001, now 0.1"]

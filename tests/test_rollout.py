@@ -13,7 +13,7 @@ pytest.importorskip("megatron.core")
 
 from tropd_megatron.losses import TrOPDConfig  # noqa: E402
 from tropd_megatron.megatron import ModelConfig, OptimConfig, ParallelConfig, build_gpt, build_student, initialize  # noqa: E402
-from tropd_megatron.megatron.inference import Generation, Generator, SamplingConfig  # noqa: E402
+from tropd_megatron.megatron.inference import EngineConfig, Generation, Generator, SamplingConfig  # noqa: E402
 from tropd_megatron.megatron.iteration import run_iteration  # noqa: E402
 from tropd_megatron.megatron.rollout import Rollout, RolloutConfig, collect_rollouts, to_microbatches  # noqa: E402
 
@@ -104,8 +104,8 @@ class ScriptedGenerator:
     def __init__(self, eos_id, script):
         self.eos_id, self.script = eos_id, script
 
-    def generate(self, prompts, sampling, *, seed=0):
-        out = [self.script[: sampling.max_new_tokens] for _ in prompts]
+    def generate(self, prompts, sampling, *, seed=0, max_new_tokens=None):
+        out = [self.script[:budget] for budget in (max_new_tokens or [sampling.max_new_tokens] * len(prompts))]
         return [Generation(t, [0.0] * len(t), bool(t) and t[-1] == self.eos_id) for t in out]
 
 
@@ -132,8 +132,8 @@ def _iteration_worker(rank, world, path):
     initialize(ParallelConfig(2, 1), seed=0)
     teacher = build_gpt(TEACHER, ParallelConfig(2, 1), frozen=True)
     student = build_student(STUDENT, ParallelConfig(2, 1), OptimConfig(lr=1e-2), total_steps=2)
-    student_gen = Generator(student.model.module, STUDENT, eos_id=EOS, max_batch_size=8)
-    teacher_gen = Generator(teacher, TEACHER, eos_id=EOS, max_batch_size=8)
+    student_gen = Generator(student.model.module, STUDENT, eos_id=EOS, engine=EngineConfig(max_requests=8, kv_cache_gib=0.01))
+    teacher_gen = Generator(teacher, TEACHER, eos_id=EOS, engine=EngineConfig(max_requests=8, kv_cache_gib=0.01))
     prompts = PromptStream(PromptDataConfig(path, max_prompt_tokens=12), tokenize)
 
     # teacher-prefix rollouts, greedy: the prefix is the teacher's own greedy continuation and
@@ -184,6 +184,7 @@ def test_full_iteration_at_tp2(tmp_path):
         assert any(stopped for _, stopped, _, _ in r["ends"]) and not all(stopped for _, stopped, _, _ in r["ends"])
         for ends_with_eos, stopped, has_logprobs, length in r["ends"]:
             assert ends_with_eos == stopped and has_logprobs and (stopped or length == 8)
+        assert any(m["stopped_fraction"] > 0 for m in r["metrics"])
         for m in r["metrics"]:  # every generated token is a loss token, the end tokens too
-            assert 0 < m["stopped_fraction"] and m["tokens"] == m["response_tokens"]
+            assert m["tokens"] == m["response_tokens"]
     assert ranks[0]["metrics"][1]["loss"] == ranks[1]["metrics"][1]["loss"]

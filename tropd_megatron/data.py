@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .seeds import stream_seed
+
 
 @dataclass
 class PromptDataConfig:
@@ -74,7 +76,7 @@ class PromptStream:
 
     def _permutation(self, epoch: int) -> list:
         order = list(range(len(self.prompts)))
-        random.Random(self.config.seed * 1_000_003 + epoch).shuffle(order)
+        random.Random(stream_seed(self.config.seed, "prompt_order", epoch=epoch)).shuffle(order)
         return order
 
     def next_batch(self, n: int) -> list[Prompt]:

@@ -9,10 +9,11 @@ holds at its peak, the student's backward pass, when everything below is alive a
 - student activations for one micro-batch of (max_prompt_tokens + max_new_tokens) tokens
   (Korthikanti et al. 2022, see ``activation_bytes``), its logits, and the teacher signal of
   every micro-batch of the step (``train_step`` computes them all before the student pass).
-- KV caches: Megatron's static inference context allocates [max_sequence_length, max batch]
-  per layer on first use and keeps it for the generator's lifetime, so the caches stay
-  allocated while training. The trainer's generators take the whole rollout batch of a rank
-  as their max batch.
+- KV caches (``kv_cache_bytes``): each generator keeps its cache from its first use on, so
+  the caches stay allocated while training: the dynamic engine's block buffer
+  (``rollout.engine.kv_cache_gib``, capped at what ``max_requests`` requests can use), or the
+  static engine's ``max_requests`` x the longest request. The teacher's generator is used (and
+  allocates) only with teacher-prefix guidance, for prompts + prefixes.
 - a fixed CUDA context / NCCL / allocator allowance on GPUs.
 
 The teacher's no-grad pass and generation peak lower (one layer's working set and one
@@ -138,13 +139,28 @@ def activation_bytes(model: ModelConfig, *, sequence: int, micro_batch: int, ten
     return int(stored + (full_layer if model.recompute == "full" else 0))
 
 
-def kv_cache_bytes(model: ModelConfig, *, tensor: int, pipeline: int, sequences: int) -> int:
-    """The static inference KV cache on one GPU, in bytes: K and V for num_layers/pipeline
-    layers x query_groups/tensor x head_dim x model dtype x max_sequence_length x sequences
-    (Megatron allocates the full max_sequence_length for the full max batch)."""
+def kv_token_bytes(model: ModelConfig, *, tensor: int, pipeline: int) -> int:
+    """K and V of one token on one GPU: num_layers/pipeline layers x query_groups/tensor heads x
+    head_dim x the model dtype, twice."""
     groups = model.num_query_groups or model.num_attention_heads
-    return (2 * (model.num_layers // pipeline) * (groups // tensor) * model.head_dim * DTYPE_BYTES[model.dtype]
-            * model.max_sequence_length * sequences)
+    return 2 * (model.num_layers // pipeline) * (groups // tensor) * model.head_dim * DTYPE_BYTES[model.dtype]
+
+
+def kv_cache_bytes(model: ModelConfig, engine, *, tensor: int, pipeline: int, request_tokens: int,
+                   buffer_gib: Optional[float] = None) -> int:
+    """One generator's KV cache on one GPU, held for the run once it has generated.
+
+    static: ``engine.max_requests`` sequences of ``request_tokens`` (the longest prompt +
+    budget it is asked for), whatever the sequences' real lengths. dynamic: its block buffer,
+    ``buffer_gib`` (default ``engine.kv_cache_gib``), but never more than ``max_requests``
+    requests of ``request_tokens`` in whole blocks plus the engine's one dummy block (a bigger
+    buffer would never be filled)."""
+    token = kv_token_bytes(model, tensor=tensor, pipeline=pipeline)
+    if engine.name == "static":
+        return engine.max_requests * request_tokens * token
+    block = engine.block_size_tokens * token
+    bound = (engine.max_requests * _ceil_div(request_tokens, engine.block_size_tokens) + 1) * block
+    return min(int((engine.kv_cache_gib if buffer_gib is None else buffer_gib) * GIB) // block * block, bound)
 
 
 @dataclass
@@ -208,6 +224,14 @@ def gpu_capacity(gpu: str) -> Optional[int]:
     return GPU_MEMORY[gpu]
 
 
+def request_lengths(config: RunConfig) -> dict:
+    """The longest prompt + budget each generator is asked for: the student's rollouts and
+    evaluations, the teacher's prefixes (what sizes their KV caches)."""
+    r = config.rollout
+    return {"student": config.data.max_prompt_tokens + max(r.sampling.max_new_tokens, config.eval.max_new_tokens),
+            "teacher": config.data.max_prompt_tokens + max(r.prefix_tokens_start, r.prefix_tokens_end, 1)}
+
+
 def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
     """The per-GPU memory plan of ``config`` on ``gpus`` GPUs (the world size; default
     tensor x pipeline, i.e. data parallel 1). ValueError when the layout cannot run: world
@@ -230,8 +254,6 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
     microbatches = _ceil_div(rollouts, rollout.micro_batch_size)
     sequence = config.data.max_prompt_tokens + rollout.sampling.max_new_tokens
     tokens_per_step = microbatches * rollout.micro_batch_size * sequence  # padded rows included
-    # each generator's static KV cache is allocated for generation_batch_size sequences and kept
-    generation_batch = rollout.generation_batch_size
     student_params = stage_parameters(student, tp, pp)
     # the distributed optimizer (GPU only: the trainer uses the plain one on CPU) shards its state
     optimizer_shards = dp if on_gpu else 1
@@ -255,13 +277,16 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
     else:
         topk = config.objective.selected().signal_topk
         items[f"teacher signal (top-{topk})"] = tokens_per_step * (SIGNAL_TOKEN_BYTES + topk * SIGNAL_TOPK_BYTES)
-    items[f"student KV cache ({generation_batch} seqs)"] = kv_cache_bytes(
-        student, tensor=tp, pipeline=pp, sequences=generation_batch)
+    engine = rollout.engine
+    lengths = request_lengths(config)
+    kv = f"KV cache ({engine.name}, {engine.max_requests} requests)"
+    items[f"student {kv}"] = kv_cache_bytes(student, engine, tensor=tp, pipeline=pp,
+                                             request_tokens=lengths["student"])
     # the teacher only generates (and so allocates its cache) when it writes prefixes
     if (max(rollout.prefix_share_start, rollout.prefix_share_end) > 0
             and max(rollout.prefix_tokens_start, rollout.prefix_tokens_end) > 0):
-        items[f"teacher KV cache ({generation_batch} seqs)"] = kv_cache_bytes(
-            teacher, tensor=tp, pipeline=pp, sequences=generation_batch)
+        items[f"teacher {kv}"] = kv_cache_bytes(teacher, engine, tensor=tp, pipeline=pp,
+                                                 request_tokens=lengths["teacher"])
     if on_gpu:
         items["CUDA context, NCCL, workspaces"] = CONTEXT_BYTES
 

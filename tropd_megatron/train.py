@@ -33,6 +33,7 @@ from .megatron.hf_checkpoint import is_hf_folder, load_hf_weights
 from .megatron.inference import Generator
 from .megatron.iteration import run_iteration
 from .megatron.step import any_rank
+from .planner import request_lengths
 from .run_config import RunConfig, flatten, resume_conflicts, to_yaml
 from .tokenizer import check_same_vocabulary, check_tokenizer, load_tokenizer, prompt_encoder
 
@@ -190,11 +191,13 @@ class Trainer:
             with open(os.path.join(cfg.checkpoint.dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
             say(f"run {cfg.name}: {dist.get_world_size()} processes, configuration in {cfg.checkpoint.dir}/config.yaml")
-        batch = cfg.rollout.generation_batch_size
+        lengths = request_lengths(cfg)
         self.student_generator = Generator(self.student.model.module, student_model, eos_id=self.tokenizer.eos_id,
-                                           max_batch_size=batch, name="student")
+                                           engine=cfg.rollout.engine, max_request_tokens=lengths["student"],
+                                           name="student")
         self.teacher_generator = Generator(self.teacher, teacher_model, eos_id=teacher_tokenizer.eos_id,
-                                           max_batch_size=batch, name="teacher")
+                                           engine=cfg.rollout.engine, max_request_tokens=lengths["teacher"],
+                                           name="teacher")
         self.eval_problems = None
         if cfg.eval.path:
             self.eval_problems = load_problems(replace(cfg.data, path=cfg.eval.path), encode, cfg.eval.max_problems)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ..data import Prompt, PromptDataConfig, PromptStream
 from ..megatron.inference import Generator, SamplingConfig
+from ..seeds import stream_seed
 from .answers import answers_match, extract_answer
 
 
@@ -57,7 +58,8 @@ def evaluate(generator: Generator, problems: list[Prompt], decode, *, samples: i
                 else SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens))
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     mine = problems[dp_rank::dp_size]
-    chunk = chunk or max(generator.max_batch_size // samples, 1)
+    # several engine batches per call: the dynamic engine refills a finished sequence's slot at once
+    chunk = chunk or max(4 * generator.max_batch_size // samples, 1)
     printer = dist.get_rank() == 0
     records = []
     bar = tqdm(total=len(problems), desc=f"eval avg@{samples}", disable=not (progress and printer), file=sys.stderr,
@@ -65,7 +67,7 @@ def evaluate(generator: Generator, problems: list[Prompt], decode, *, samples: i
     for start in range(0, len(mine), chunk):
         batch = mine[start : start + chunk]
         outs = generator.generate([p.token_ids for p in batch for _ in range(samples)], sampling,
-                                  seed=seed * 1_000_003 + start)
+                                  seed=stream_seed(seed, "evaluation", start=start))
         for i, p in enumerate(batch):
             texts = [decode(o.tokens) for o in outs[i * samples : (i + 1) * samples]]
             extracted = [extract_answer(t) for t in texts]

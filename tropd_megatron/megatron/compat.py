@@ -2,7 +2,9 @@
 for optional TransformerEngine."""
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+from dataclasses import dataclass
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -23,16 +25,37 @@ def gpt_layer_spec(qk_layernorm: bool = False):
     return spec(qk_layernorm=qk_layernorm)
 
 
-def inference_engine(model, *, hidden_size: int, params_dtype, padded_vocab_size: int, max_batch_size: int,
-                     max_sequence_length: int, tokenizer, seed: int):
-    """Megatron's inference engine over ``model``'s own weights (no copy): (engine, controller).
+@dataclass
+class EngineSpec:
+    """What either engine needs to know about the model and its memory."""
 
-    Every version uses the static engine on its legacy path (its dynamic fallback needs CUDA),
-    so generation is the same code, and the same log-probs, on 0.16 and 0.19. Only its
-    construction differs: < 0.19 builds the KV-cache context from an InferenceWrapperConfig;
-    0.19 dropped that class and takes a StaticInferenceContext, reading hidden size, dtype and
-    vocabulary from the model itself (run on CPU with 0.19.2 / Python 3.12).
-    """
+    hidden_size: int
+    params_dtype: object
+    padded_vocab_size: int
+    num_layers: int  # this pipeline stage's
+    kv_heads: int
+    head_dim: int
+    max_sequence_length: int
+    max_requests: int  # sequences decoded at once
+    kv_cache_gib: float = 0.0  # the dynamic engine's block buffer
+    block_size_tokens: int = 256
+
+
+def _wrapper_config(spec: EngineSpec):
+    from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
+
+    return InferenceWrapperConfig(
+        hidden_size=spec.hidden_size, params_dtype=spec.params_dtype, inference_batch_times_seqlen_threshold=-1,
+        padded_vocab_size=spec.padded_vocab_size, inference_max_requests=spec.max_requests,
+        inference_max_seq_length=spec.max_sequence_length,
+    )
+
+
+def static_engine(model, spec: EngineSpec, *, tokenizer, seed: int):
+    """Megatron's static inference engine over ``model``'s own weights (no copy): (engine,
+    controller). It runs on its legacy path on every version (its dynamic fallback is the
+    dynamic engine); < 0.19 builds its KV cache from an InferenceWrapperConfig, 0.19 dropped
+    that class and takes a StaticInferenceContext (run on CPU with 0.19.2 / Python 3.12)."""
     import functools
 
     from megatron.core.inference.engines import static_engine
@@ -43,31 +66,74 @@ def inference_engine(model, *, hidden_size: int, params_dtype, padded_vocab_size
     # its per-call "static requests" bar would interleave with the run's own progress output
     static_engine.tqdm = functools.partial(tqdm, disable=True)
     if MEGATRON_VERSION >= (0, 19):
-        # Not DynamicInferenceEngine: its attention asserts flash-attn >= 2.7.3 / FA3 / FA4 and
-        # runs their varlen KV-cache kernels (transformer/attention.py:1328, :1574), so it cannot
-        # run or be tested on CPU. The legacy static engine is still shipped (deprecated only).
         from megatron.core.inference.contexts import StaticInferenceContext
 
         model.config.inference_sampling_seed = seed  # seeds the controller's sampling_rng
-        wrapped = GPTInferenceWrapper(model, StaticInferenceContext(max_batch_size, max_sequence_length))
+        wrapped = GPTInferenceWrapper(model, StaticInferenceContext(spec.max_requests, spec.max_sequence_length))
     else:
-        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
-
-        wrapped = GPTInferenceWrapper(model, InferenceWrapperConfig(
-            hidden_size=hidden_size, params_dtype=params_dtype, inference_batch_times_seqlen_threshold=-1,
-            padded_vocab_size=padded_vocab_size, inference_max_requests=max_batch_size,
-            inference_max_seq_length=max_sequence_length,
-        ))
+        wrapped = GPTInferenceWrapper(model, _wrapper_config(spec))
     controller = _controller_keeping_end_token()(wrapped, tokenizer)
-    engine = StaticInferenceEngine(controller, max_batch_size=max_batch_size, random_seed=seed, legacy=True)
+    engine = StaticInferenceEngine(controller, max_batch_size=spec.max_requests, random_seed=seed, legacy=True)
+    _unset_inference_mode()
+    return engine, controller
+
+
+def dynamic_engine(model, spec: EngineSpec, *, tokenizer, seed: int):
+    """Megatron's dynamic inference engine over ``model``'s own weights: continuous batching
+    (a finished request's slot is refilled at once) over a paged KV cache of
+    ``spec.kv_cache_gib`` in blocks of ``spec.block_size_tokens``, at most
+    ``spec.max_requests`` requests at once (the rest wait). Only the last token's logits are
+    materialised: prompt log-probs are never read (they are also wrong at a chunked-prefill
+    boundary in 0.16)."""
+    from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
+    from megatron.core.inference.engines.dynamic_engine import DynamicInferenceEngine
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+        TextGenerationController,
+    )
+
+    # tokens a step may hold (prefill chunks): above every prompt but the longest
+    max_tokens = max(DynamicInferenceContext.DEFAULT_MAX_TOKENS, spec.max_requests)
+    memory = dict(buffer_size_gb=spec.kv_cache_gib, block_size_tokens=spec.block_size_tokens,
+                  max_requests=spec.max_requests, max_tokens=max_tokens, max_sequence_length=spec.max_sequence_length,
+                  num_cuda_graphs=None, materialize_only_last_token_logits=True, use_flashinfer_fused_rope=False,
+                  unified_memory_level=0)
     if MEGATRON_VERSION >= (0, 19):
-        # 0.19's engine constructor sets the process-wide InferenceMode flag and the static engine
-        # never clears it; while set, GPTModel asserts that every forward gathers TP logits, so
-        # the training forward of the same model fails. Set it only around generation instead.
+        # 0.19 takes the model's TransformerConfig and an InferenceConfig; the wrapper no
+        # longer takes an InferenceWrapperConfig, the engine no seed (the controller reads it)
+        from megatron.core.inference.config import InferenceConfig
+
+        model.config.inference_sampling_seed = seed
+        context = DynamicInferenceContext(model.config, InferenceConfig(enable_chunked_prefill=True, **memory))
+        controller = TextGenerationController(GPTInferenceWrapper(model, context), tokenizer)
+        engine = DynamicInferenceEngine(controller, context)
+    else:
+        context = DynamicInferenceContext(params_dtype=spec.params_dtype, num_layers=spec.num_layers,
+                                          kv_channels=spec.head_dim, num_attention_heads=spec.kv_heads, **memory)
+        controller = TextGenerationController(GPTInferenceWrapper(model, _wrapper_config(spec), context), tokenizer)
+        engine = DynamicInferenceEngine(controller, context, random_seed=seed)
+    _unset_inference_mode()
+    return engine, controller
+
+
+def _unset_inference_mode() -> None:
+    """0.19's engine constructors set the process-wide InferenceMode flag and never clear it;
+    while set, GPTModel asserts that every forward gathers TP logits, so the training forward
+    of the same model fails. It is set only around generation instead (``inference_mode``)."""
+    if MEGATRON_VERSION >= (0, 19):
         from megatron.core.inference.utils import InferenceMode
 
         InferenceMode.unset_active()
-    return engine, controller
+
+
+def inference_mode():
+    """The context in which an engine generates: 0.19's InferenceMode flag on (without it the
+    dynamic engine, materialising only the last token's logits, samples from the wrong rows)."""
+    if MEGATRON_VERSION >= (0, 19):
+        from megatron.core.inference.utils import InferenceMode
+
+        return InferenceMode.active()
+    return contextlib.nullcontext()
 
 
 def _controller_keeping_end_token():
@@ -95,18 +161,14 @@ def _controller_keeping_end_token():
     return Controller
 
 
-def generate_token_ids(engine, prompts: list, sampling_params) -> list:
-    """Run ``engine`` on token-id prompts: [(generated ids, their log-probs)] in prompt order."""
+def run_static(engine, prompts: list, sampling_params) -> list:
+    """The static engine on token-id prompts (one batch, one budget): [(generated ids, their
+    log-probs)] in prompt order."""
     from megatron.core.inference.inference_request import InferenceRequest
 
     requests = [InferenceRequest(request_id=str(i), prompt="", prompt_tokens=list(p), sampling_params=sampling_params)
                 for i, p in enumerate(prompts)]
-    if MEGATRON_VERSION >= (0, 19):  # see inference_engine: the flag is on only while generating
-        from megatron.core.inference.utils import InferenceMode
-
-        with InferenceMode.active():
-            done = {r.request_id: r for r in engine.generate(inference_requests=requests)}
-    else:
+    with inference_mode():
         done = {r.request_id: r for r in engine.generate(inference_requests=requests)}
     out = []
     for request in requests:
@@ -114,6 +176,26 @@ def generate_token_ids(engine, prompts: list, sampling_params) -> list:
         tokens = r.generated_tokens.tolist()[: r.generated_length]
         out.append((tokens, list(r.generated_log_probs)[: len(tokens)]))
     return out
+
+
+def run_dynamic(engine, prompts: list, sampling_params: list, on_step=None) -> list:
+    """The dynamic engine on token-id prompts, each with its own SamplingParams, all submitted
+    at once: [(generated ids, their log-probs)] in prompt order. ``on_step(engine)`` runs after
+    every engine step (statistics)."""
+    for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+        engine.add_request(i, list(prompt), params)
+    done = {}
+    with inference_mode():
+        while engine.has_unfinished_requests():
+            for record in engine.step_modern()["finished_request_records"]:
+                request = record.merge()  # one request, also across an eviction and its re-prefill
+                done[request.request_id] = request
+            if on_step is not None:
+                on_step(engine)
+    missing = sorted(set(range(len(prompts))) - set(done))
+    if missing:
+        raise RuntimeError(f"the dynamic engine returned no result for requests {missing[:10]}")
+    return [(list(done[i].generated_tokens), list(done[i].generated_log_probs)) for i in range(len(prompts))]
 
 
 def reseed_sampling(controller, seed: int) -> None:

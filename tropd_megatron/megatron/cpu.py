@@ -8,7 +8,11 @@ unchanged. On CPU it:
   TorchFunctionMode;
 - gives ``torch.cuda.current_device/synchronize/empty_cache/current_stream/Event`` CPU
   stand-ins (attention memory buffer, DDP, p2p, timers);
-- points megatron's model-parallel RNG tracker at the CPU generator.
+- points megatron's model-parallel RNG tracker at the CPU generator;
+- lets Megatron's dynamic inference engine run: NVTX ranges as no-ops, ``pin_memory`` off,
+  pure-torch paged-KV attention in place of flash-attn's ``flash_attn_varlen_func`` (prefill
+  and mixed steps) and ``flash_attn_with_kvcache`` (decode steps), the flash-attn version
+  check answered, triton's KV-append kernel off (it asserts CUDA tensors).
 Callers must still pass an explicit attention mask (None reaches a "cuda" literal), keep
 ``sequence_parallel`` off (torch norms fail with it on CPU) and use ``batch_p2p_sync=False``.
 """
@@ -43,6 +47,8 @@ class _CudaAsCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if "device" in kwargs:
             kwargs["device"] = _cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):  # pinned host memory needs CUDA
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
@@ -90,6 +96,83 @@ class _Stream:
         return event
 
 
+def _paged_attention(q, k_cache, v_cache, block_table, q_lengths, k_lengths, softmax_scale):
+    """Attention of each request's queries over its keys in the paged KV cache.
+
+    q [R, Lq, Hq, D] (padded per request); k_cache, v_cache [blocks, block_size, Hkv, D];
+    block_table [>= R, max blocks] (the request's block ids, in order); q_lengths, k_lengths
+    [R]. Causal as flash-attn aligns it when queries are fewer than keys (bottom-right: the
+    last query sees every key), grouped-query heads as flash-attn groups them (query head h
+    reads KV head h // (Hq / Hkv)). Returns [R, Lq, Hq, D], zero at padding queries."""
+    R, Lq, Hq, D = q.shape
+    blocks, block_size, Hkv, _ = k_cache.shape
+    table = block_table[:R].long().clamp_min(0)
+    Lk = table.shape[1] * block_size
+    held = torch.arange(Lk)[None, :] < k_lengths.long()[:, None]  # [R, Lk]
+    # slots past a request's keys hold whatever the buffer held (torch.empty: NaN too); a zero
+    # weight times NaN is NaN, so they are zeroed, not only masked
+    k = k_cache[table].reshape(R, Lk, Hkv, D).masked_fill(~held[..., None, None], 0)
+    v = v_cache[table].reshape(R, Lk, Hkv, D).masked_fill(~held[..., None, None], 0)
+    k, v = (t.repeat_interleave(Hq // Hkv, dim=2) for t in (k, v))
+    scores = torch.einsum("rqhd,rkhd->rhqk", q.float(), k.float()) * softmax_scale
+    qi = torch.arange(Lq)[None, :, None]
+    kj = torch.arange(Lk)[None, None, :]
+    offset = (k_lengths - q_lengths).long()[:, None, None]
+    allowed = held[:, None, :] & (kj <= qi + offset)  # [R, Lq, Lk]
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a padding query sees no key
+    return torch.einsum("rhqk,rkhd->rqhd", probs, v.float()).to(q.dtype)
+
+
+def _flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+                            causal=True, block_table=None, **_):
+    """flash_attn_varlen_func over a paged KV cache: q [total queries, Hq, D] packed by request."""
+    assert causal and block_table is not None, "the CPU stand-in covers the dynamic engine's paged, causal call"
+    q_lengths = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    k_lengths = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    R = q_lengths.numel()
+    padded = q.new_zeros(R, int(max_seqlen_q), *q.shape[1:])
+    rows = torch.repeat_interleave(torch.arange(R), q_lengths.long())
+    cols = torch.arange(rows.numel()) - cu_seqlens_q[:-1].long()[rows]
+    padded[rows, cols] = q[: rows.numel()]
+    out = _paged_attention(padded, k, v, block_table, q_lengths, k_lengths,
+                           softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5)
+    result = q.new_zeros(q.shape)
+    result[: rows.numel()] = out[rows, cols]
+    return result
+
+
+def _flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, causal=True, block_table=None,
+                             softmax_scale=None, **_):
+    """flash_attn_with_kvcache for decode steps: q [R, 1, Hq, D], one new query per request."""
+    assert block_table is not None, "the CPU stand-in covers the dynamic engine's paged call"
+    lengths = cache_seqlens.long()
+    return _paged_attention(q, k_cache, v_cache, block_table, torch.ones_like(lengths), lengths,
+                            softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5)
+
+
+def _nvtx_noop(*args, **kwargs):
+    return None
+
+
+def _enable_dynamic_inference() -> None:
+    """The dynamic engine's CUDA-only pieces, in the modules that bound them at import."""
+    import importlib
+
+    from megatron.core.transformer import attention
+
+    cuda_nvtx = torch.cuda.nvtx  # CPU torch raises "NVTX functions not installed"
+    cuda_nvtx.range_push = cuda_nvtx.range_pop = _nvtx_noop
+    engine = importlib.import_module("megatron.core.inference.engines.dynamic_engine")
+    engine.range_push = engine.range_pop = _nvtx_noop
+    attention.is_fa_min_version = lambda *a, **k: True  # the dynamic path's flash-attn version assert
+    attention.flash_attn_varlen_func = _flash_attn_varlen_func
+    attention.flash_attn_with_kvcache = _flash_attn_with_kvcache
+    context = importlib.import_module("megatron.core.inference.contexts.dynamic_context")
+    if getattr(context, "triton_append_key_value_cache", None) is not None:
+        context.triton_append_key_value_cache = None  # asserts CUDA tensors; the torch indexing path runs
+
+
 def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
@@ -118,5 +201,6 @@ def enable() -> None:
     mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     # The tracker warns when the CPU generator moves inside a "GPU" RNG fork; here they are one.
     logging.getLogger(mp_random.__name__).setLevel(logging.ERROR)
+    _enable_dynamic_inference()
     _MODE = _CudaAsCpu()
     _MODE.__enter__()

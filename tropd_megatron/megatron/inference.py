@@ -1,14 +1,17 @@
-"""Generation from a live Megatron model through Megatron's inference engine."""
+"""Generation from a live Megatron model through Megatron's inference engines."""
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .. import RunError
-from .compat import generate_token_ids, inference_engine, reseed_sampling
+from ..planner import kv_cache_bytes, kv_token_bytes
+from ..seeds import stream_seed
+from .compat import EngineSpec, dynamic_engine, reseed_sampling, run_dynamic, run_static, static_engine
 from .config import ModelConfig
 
 
@@ -28,11 +31,58 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig top_k={self.top_k} / max_new_tokens={self.max_new_tokens} out of range")
 
 
+ENGINES = ("dynamic", "static")
+
+
+@dataclass
+class EngineConfig:
+    """How generation runs (``rollout.engine``), for the student's and the teacher's generator
+    alike (each holds its own KV cache).
+
+    ``dynamic``: Megatron's dynamic engine: continuous batching (a finished sequence's slot is
+    refilled at once) over a paged KV cache of ``kv_cache_gib`` GiB in blocks of
+    ``block_size_tokens`` (flash-attn 2 on GPU needs 256), at most ``max_requests`` sequences
+    at once; requests that do not fit wait and still finish. ``static``: the static engine,
+    batches of ``max_requests`` prompts that each decode until their longest sequence ends,
+    with a KV cache of ``max_requests`` x max_sequence_length held from the first call on.
+    """
+
+    name: str = "dynamic"
+    max_requests: int = 64  # sequences generated at once
+    kv_cache_gib: float = 1.0  # dynamic: each generator's KV buffer
+    # dynamic, on GPU: this share of the free GPU memory (when the generator is first used)
+    # instead of kv_cache_gib; 0: off
+    kv_cache_free_fraction: float = 0.0
+    block_size_tokens: int = 256
+
+    def __post_init__(self):
+        if self.name not in ENGINES:
+            raise ValueError(f"rollout.engine.name={self.name!r}; expected one of {ENGINES}")
+        if self.max_requests < 1 or self.block_size_tokens < 1:
+            raise ValueError(f"rollout.engine.max_requests={self.max_requests} and block_size_tokens="
+                             f"{self.block_size_tokens} must be >= 1")
+        if self.kv_cache_gib <= 0 and not 0 < self.kv_cache_free_fraction < 1:
+            raise ValueError(f"rollout.engine.kv_cache_gib={self.kv_cache_gib} must be > 0 (or set "
+                             "kv_cache_free_fraction in (0, 1))")
+        if not 0 <= self.kv_cache_free_fraction < 1:
+            raise ValueError(f"rollout.engine.kv_cache_free_fraction={self.kv_cache_free_fraction}; must be in [0, 1)")
+
+
 @dataclass
 class Generation:
-    tokens: list  # generated ids, ending with eos when the model stopped
-    logprobs: list  # log p(token) under the sampling model (before temperature / top-k / top-p)
-    stopped: bool  # ended with eos (else: hit max_new_tokens)
+    tokens: list  # generated ids, ending with the end token exactly when the model stopped
+    logprobs: list  # log p(token) under the sampling model (before temperature / top-k / top-p), one per token
+    stopped: bool  # ended with the end token (else: the budget ran out)
+
+
+@dataclass
+class GenerationStats:
+    """What the last ``Generator.generate`` call cost."""
+
+    forward_passes: int = 0  # model forwards (prefill, decode and mixed steps)
+    kv_bytes: int = 0  # peak KV-cache memory held (dynamic: blocks in use; static: its whole cache)
+    generated_tokens: int = 0
+    seconds: float = 0.0
 
 
 class _IdTokenizer:
@@ -80,43 +130,146 @@ def refuse_nonfinite_logits(model, name: str):
             handle.remove()
 
 
-class Generator:
-    """Megatron's static inference engine over ``model`` (a GPTModel, e.g. ``ddp.module``):
-    generation reads the live weights, so a student generates with its current parameters."""
+@contextlib.contextmanager
+def count_forwards(model, stats: GenerationStats):
+    def count(module, inputs):
+        stats.forward_passes += 1
 
-    def __init__(self, model, config: ModelConfig, *, eos_id: int, max_batch_size: int = 8, name: str = "model"):
-        self.model, self.config, self.eos_id, self.max_batch_size = model, config, eos_id, max_batch_size
+    handle = model.register_forward_pre_hook(count)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _sampling_params(sampling: SamplingConfig, budget: int, eos_id: int):
+    from megatron.core.inference.sampling_params import SamplingParams
+
+    return SamplingParams(
+        temperature=sampling.temperature, top_k=sampling.top_k, top_p=0.0 if sampling.top_p >= 1 else sampling.top_p,
+        num_tokens_to_generate=budget, return_log_probs=True, skip_prompt_log_probs=True, termination_id=eos_id,
+    )
+
+
+class Generator:
+    """One of Megatron's inference engines over ``model`` (a GPTModel, e.g. ``ddp.module``):
+    generation reads the live weights, so a student generates with its current parameters.
+    The engine (and its KV cache) is built on the first call: a generator never used holds no
+    memory."""
+
+    def __init__(self, model, config: ModelConfig, *, eos_id: int, engine: EngineConfig | None = None,
+                 max_request_tokens: int | None = None, name: str = "model"):
+        """``max_request_tokens``: the longest prompt + budget it will be asked for (default the
+        model's max_sequence_length); the KV cache never holds more than ``max_requests`` of those."""
+        self.model, self.config, self.eos_id = model, config, eos_id
+        self.engine_config = engine or EngineConfig()
+        self.max_request_tokens = min(max_request_tokens or config.max_sequence_length, config.max_sequence_length)
         self.name = name  # in errors
+        self.stats = GenerationStats()  # of the last call
+        self._engine = self._controller = None
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.engine_config.max_requests
+
+    def _spec(self) -> EngineSpec:
+        from megatron.core import parallel_state
+
+        engine, config = self.engine_config, self.config
+        spec = EngineSpec(
+            hidden_size=config.hidden_size, params_dtype=config.torch_dtype, padded_vocab_size=config.embedding_rows,
+            num_layers=config.num_layers // parallel_state.get_pipeline_model_parallel_world_size(),
+            kv_heads=config.num_query_groups or config.num_attention_heads, head_dim=config.head_dim,
+            max_sequence_length=self.max_request_tokens, max_requests=engine.max_requests,
+            kv_cache_gib=engine.kv_cache_gib, block_size_tokens=engine.block_size_tokens,
+        )
+        if engine.name == "dynamic":
+            gib = None
+            if engine.kv_cache_free_fraction:
+                if not torch.cuda.is_available():
+                    raise ValueError("rollout.engine.kv_cache_free_fraction needs a GPU; set rollout.engine.kv_cache_gib")
+                gib = engine.kv_cache_free_fraction * torch.cuda.mem_get_info()[0] / 2**30
+            layout = dict(tensor=parallel_state.get_tensor_model_parallel_world_size(),
+                          pipeline=parallel_state.get_pipeline_model_parallel_world_size())
+            spec.kv_cache_gib = kv_cache_bytes(config, engine, request_tokens=self.max_request_tokens, buffer_gib=gib,
+                                               **layout) / 2**30
+            check_kv_cache_holds_a_sequence(spec, kv_token_bytes(config, **layout) * engine.block_size_tokens, self.name)
+        return spec
+
+    def _build(self):
+        build = dynamic_engine if self.engine_config.name == "dynamic" else static_engine
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the engine's own deprecation notices
-            self.engine, self.controller = inference_engine(
-                model, hidden_size=config.hidden_size, params_dtype=config.torch_dtype,
-                padded_vocab_size=config.embedding_rows, max_batch_size=max_batch_size,
-                max_sequence_length=config.max_sequence_length, tokenizer=_IdTokenizer(eos_id, config.vocab_size),
-                seed=1,
-            )
+            warnings.simplefilter("ignore")  # the engines' own deprecation notices
+            self._engine, self._controller = build(
+                self.model, self._spec(), tokenizer=_IdTokenizer(self.eos_id, self.config.vocab_size), seed=1)
 
     @torch.no_grad()
-    def generate(self, prompts: list, sampling: SamplingConfig, *, seed: int = 0) -> list:
-        """Continue each prompt (a list of token ids). Sampling is reproducible from ``seed``."""
-        from megatron.core.inference.sampling_params import SamplingParams
-
-        for i, prompt in enumerate(prompts):
-            if len(prompt) + sampling.max_new_tokens > self.config.max_sequence_length:
-                raise ValueError(
-                    f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={sampling.max_new_tokens} it exceeds "
-                    f"max_sequence_length={self.config.max_sequence_length}"
-                )
-        params = SamplingParams(
-            temperature=sampling.temperature, top_k=sampling.top_k, top_p=0.0 if sampling.top_p >= 1 else sampling.top_p,
-            num_tokens_to_generate=sampling.max_new_tokens, return_log_probs=True, termination_id=self.eos_id,
-        )
-        results = []
-        with eval_mode(self.model), refuse_nonfinite_logits(self.model, self.name), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the engine's deprecation notices, on every call
-            for start in range(0, len(prompts), self.max_batch_size):
-                chunk = prompts[start : start + self.max_batch_size]
-                reseed_sampling(self.controller, seed * 1_000_003 + start)
-                for tokens, logprobs in generate_token_ids(self.engine, chunk, params):
-                    results.append(Generation(tokens, logprobs, bool(tokens) and tokens[-1] == self.eos_id))
+    def generate(self, prompts: list, sampling: SamplingConfig, *, seed: int = 0,
+                 max_new_tokens: list | None = None) -> list[Generation]:
+        """Continue each prompt (a list of token ids), by at most ``sampling.max_new_tokens``
+        tokens, or by ``max_new_tokens[i]`` for prompt i. Sampling is reproducible from ``seed``
+        (the same call gives the same samples; see the README for what else they depend on)."""
+        budgets = list(max_new_tokens) if max_new_tokens is not None else [sampling.max_new_tokens] * len(prompts)
+        if len(budgets) != len(prompts):
+            raise ValueError(f"{len(budgets)} budgets for {len(prompts)} prompts")
+        for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+            if budget < 1:
+                raise ValueError(f"prompt {i}: max_new_tokens={budget}; must be >= 1")
+            if len(prompt) + budget > self.max_request_tokens:
+                limit = ("max_sequence_length" if self.max_request_tokens == self.config.max_sequence_length
+                         else f"the {self.name} generator's max_request_tokens")
+                raise ValueError(f"{self.name}: prompt {i} has {len(prompt)} tokens; with max_new_tokens={budget} it "
+                                 f"exceeds {limit}={self.max_request_tokens}")
+        if self._engine is None:
+            self._build()
+        self.stats = stats = GenerationStats()
+        started = time.perf_counter()
+        with eval_mode(self.model), refuse_nonfinite_logits(self.model, self.name), \
+                count_forwards(self.model, stats), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the engines' deprecation notices, on every call
+            if self.engine_config.name == "dynamic":
+                outs = self._generate_dynamic(prompts, budgets, sampling, seed, stats)
+            else:
+                outs = self._generate_static(prompts, budgets, sampling, seed, stats)
+        results = [Generation(tokens, logprobs, bool(tokens) and tokens[-1] == self.eos_id) for tokens, logprobs in outs]
+        stats.generated_tokens = sum(len(g.tokens) for g in results)
+        stats.seconds = time.perf_counter() - started
         return results
+
+    def _generate_dynamic(self, prompts, budgets, sampling, seed, stats):
+        context = self._engine.context
+
+        def record_kv(engine):
+            stats.kv_bytes = max(stats.kv_bytes, context.block_allocator.get_total_used() * context.block_size_bytes)
+
+        reseed_sampling(self._controller, seed)
+        params = [_sampling_params(sampling, budget, self.eos_id) for budget in budgets]
+        return run_dynamic(self._engine, prompts, params, on_step=record_kv)
+
+    def _generate_static(self, prompts, budgets, sampling, seed, stats):
+        """Batches of one budget each (the static engine has one budget a batch)."""
+        outs = [None] * len(prompts)
+        by_budget = {}
+        for i, budget in enumerate(budgets):
+            by_budget.setdefault(budget, []).append(i)
+        for budget, ids in sorted(by_budget.items()):
+            params = _sampling_params(sampling, budget, self.eos_id)
+            for start in range(0, len(ids), self.max_batch_size):
+                chunk = ids[start : start + self.max_batch_size]
+                reseed_sampling(self._controller, stream_seed(seed, "static_batch", budget=budget, start=start))
+                for i, out in zip(chunk, run_static(self._engine, [prompts[i] for i in chunk], params)):
+                    outs[i] = out
+        memory = self._controller.inference_wrapped_model.inference_context.key_value_memory_dict
+        stats.kv_bytes = sum(t.numel() * t.element_size() for pair in memory.values() for t in pair)
+        return outs
+
+
+def check_kv_cache_holds_a_sequence(spec: EngineSpec, block: int, name: str) -> None:
+    """A dynamic KV buffer too small for one request of the longest length would never finish it."""
+    blocks = int(spec.kv_cache_gib * 2**30) // block - 1  # one block is the engine's dummy
+    needed = -(-spec.max_sequence_length // spec.block_size_tokens)
+    if blocks < needed:
+        raise ValueError(
+            f"{name}: rollout.engine.kv_cache_gib={spec.kv_cache_gib:.4g} holds {max(blocks, 0)} KV blocks of "
+            f"{spec.block_size_tokens} tokens ({block / 2**20:.3g} MiB each); one request of {spec.max_sequence_length} "
+            f"tokens needs {needed}: raise it to at least {(needed + 1) * block / 2**30:.3g}")

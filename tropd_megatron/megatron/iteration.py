@@ -8,6 +8,7 @@ from megatron.core import parallel_state
 
 from ..data import PromptStream
 from ..losses import DenseKLConfig, ObjectiveConfig
+from ..seeds import stream_seed
 from .inference import Generator
 from .rollout import RolloutConfig, collect_rollouts, to_microbatches
 from .step import StepResult, Student, train_step
@@ -32,7 +33,7 @@ def run_iteration(student: Student, teacher, student_generator: Generator, teach
     batch = prompts.next_batch(prompts_per_step)[dp_rank::dp_size]
     t0 = time.perf_counter()
     rollouts = collect_rollouts(student_generator, teacher_generator, [p.token_ids for p in batch], rollout,
-                                step=step, total_steps=total_steps, seed=seed * 7 + dp_rank)
+                                step=step, total_steps=total_steps, seed=stream_seed(seed, "rollouts", rank=dp_rank))
     t1 = time.perf_counter()
     microbatches = to_microbatches(rollouts, rollout.micro_batch_size, student_generator.eos_id)
     if isinstance(objective, DenseKLConfig):

@@ -7,22 +7,22 @@ linearly over training from their start to their end values.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .inference import Generator, SamplingConfig
+from ..seeds import stream_seed
+from .inference import EngineConfig, Generator, SamplingConfig
 from .step import MicroBatch
 
 
 @dataclass
 class RolloutConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # the inference engine of both generators (student and teacher), its concurrency and KV memory
+    engine: EngineConfig = field(default_factory=EngineConfig)
     rollouts_per_prompt: int = 4
     micro_batch_size: int = 4
-    # sequences generated at once: each generator's KV cache holds this many sequences of
-    # max_sequence_length for the whole run, so it bounds rollout memory (launch.plan counts it)
-    generation_batch_size: int = 64
     prefix_share_start: float = 0.0  # share of rollouts that start with a teacher prefix
     prefix_share_end: float = 0.0
     prefix_tokens_start: int = 0  # L, the teacher prefix length
@@ -35,8 +35,8 @@ class RolloutConfig:
         for name in ("prefix_tokens_start", "prefix_tokens_end"):
             if not 0 <= getattr(self, name) < self.sampling.max_new_tokens:
                 raise ValueError(f"RolloutConfig.{name}={getattr(self, name)}; must be in [0, max_new_tokens)")
-        if min(self.rollouts_per_prompt, self.micro_batch_size, self.generation_batch_size) < 1:
-            raise ValueError("RolloutConfig.rollouts_per_prompt, micro_batch_size and generation_batch_size must be >= 1")
+        if min(self.rollouts_per_prompt, self.micro_batch_size) < 1:
+            raise ValueError("RolloutConfig.rollouts_per_prompt and micro_batch_size must be >= 1")
 
     def prefix_schedule(self, step: int, total_steps: int) -> tuple[float, int]:
         """(share, L) at ``step``: linear from the start values to the end values."""
@@ -58,19 +58,18 @@ class Rollout:
 def collect_rollouts(student: Generator, teacher: Generator, prompts: list, config: RolloutConfig, *,
                      step: int, total_steps: int, seed: int) -> list[Rollout]:
     """``rollouts_per_prompt`` rollouts of each prompt (lists of token ids), reproducible from
-    (seed, step). Every rank of a model-parallel group must call it with the same prompts."""
+    ``seed`` (this rank's rollout seed) and ``step``. Every rank of a model-parallel group must
+    call it with the same prompts."""
     expanded = [p for p in prompts for _ in range(config.rollouts_per_prompt)]
     share, length = config.prefix_schedule(step, total_steps)
-    chosen = set()
+    prefixes = [[] for _ in expanded]
     if length > 0 and share > 0:
         order = list(range(len(expanded)))
-        random.Random(seed * 1_000_003 + step).shuffle(order)
-        chosen = set(order[: round(share * len(expanded))])
-    prefixes = {i: [] for i in range(len(expanded))}
-    if chosen:
-        ids = sorted(chosen)
-        sampling = SamplingConfig(config.sampling.temperature, config.sampling.top_p, config.sampling.top_k, length)
-        for i, g in zip(ids, teacher.generate([expanded[i] for i in ids], sampling, seed=seed + 7919 * step)):
+        random.Random(stream_seed(seed, "prefix_choice", step=step)).shuffle(order)
+        ids = sorted(order[: round(share * len(expanded))])
+        outs = teacher.generate([expanded[i] for i in ids], replace(config.sampling, max_new_tokens=length),
+                                seed=stream_seed(seed, "teacher_prefix", step=step))
+        for i, g in zip(ids, outs):
             # a finished prefix ends with the student's end token (the families' may differ)
             prefixes[i] = g.tokens[:-1] + [student.eos_id] if g.stopped else g.tokens
     rollouts = [None] * len(expanded)
@@ -80,13 +79,11 @@ def collect_rollouts(student: Generator, teacher: Generator, prompts: list, conf
             rollouts[i] = Rollout(prompt, prefixes[i], [], [], True)
         else:
             pending.append(i)
-    by_budget = {}
-    for i in pending:  # the continuation budget depends on the prefix length
-        by_budget.setdefault(config.sampling.max_new_tokens - len(prefixes[i]), []).append(i)
-    for budget, ids in sorted(by_budget.items()):
-        sampling = SamplingConfig(config.sampling.temperature, config.sampling.top_p, config.sampling.top_k, budget)
-        outs = student.generate([expanded[i] + prefixes[i] for i in ids], sampling, seed=seed + 104729 * step + budget)
-        for i, g in zip(ids, outs):
+    if pending:  # the continuation budget is what the prefix left of max_new_tokens
+        outs = student.generate([expanded[i] + prefixes[i] for i in pending], config.sampling,
+                                seed=stream_seed(seed, "student_rollout", step=step),
+                                max_new_tokens=[config.sampling.max_new_tokens - len(prefixes[i]) for i in pending])
+        for i, g in zip(pending, outs):
             rollouts[i] = Rollout(expanded[i], prefixes[i], g.tokens, g.logprobs, g.stopped)
     return rollouts
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..losses import SFTConfig
+from ..seeds import stream_seed
 from ..megatron import ModelConfig, OptimConfig, ParallelConfig, build_student, train_step
 from ..megatron.checkpoint import checkpoint_metadata, latest_checkpoint, save_checkpoint
 from ..megatron.rollout import Rollout, to_microbatches
@@ -50,7 +51,7 @@ def write_task_files(root: str, cfg: TinyTaskConfig, template: str, train: list[
     last, marks a finished preparation); ``train`` is the training split. Call on one process."""
     if not os.path.exists(os.path.join(root, "tokenizer.model")):
         os.makedirs(root, exist_ok=True)
-        held_out = make_split(cfg.eval_problems, cfg.seed + 1, cfg.task, frozenset(p.question for p in train))
+        held_out = make_split(cfg.eval_problems, stream_seed(cfg.seed, "held_out_problems"), cfg.task, frozenset(p.question for p in train))
         _write_jsonl(os.path.join(root, "prompts.jsonl"), train)
         _write_jsonl(os.path.join(root, "held_out.jsonl"), held_out)
         SentencePieceTokenizer.train([f"{template.format(prompt=p.question)} {p.solution}" for p in train],
@@ -58,11 +59,11 @@ def write_task_files(root: str, cfg: TinyTaskConfig, template: str, train: list[
 
 
 def training_split(cfg: TinyTaskConfig) -> list[Problem]:
-    return make_split(cfg.train_problems, cfg.seed, cfg.task)
+    return make_split(cfg.train_problems, stream_seed(cfg.seed, "training_problems"), cfg.task)
 
 
 def _supervised(student, train: list[Problem], tok, template: str, cfg: TinyTaskConfig, steps: int, what: str) -> None:
-    rng = random.Random(cfg.seed + steps)
+    rng = random.Random(stream_seed(cfg.seed, f"sft_batches_{what}", steps=steps))
     bar = tqdm(range(steps), desc=f"SFT {what}", disable=dist.get_rank() != 0, file=sys.stderr)
     for step in bar:
         rollouts = []
