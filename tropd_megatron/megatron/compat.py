@@ -116,6 +116,12 @@ def dynamic_engine(model, spec: EngineSpec, *, tokenizer, seed: int):
     return engine, controller
 
 
+def kv_bytes_in_use(context) -> int:
+    """The dynamic engine's KV memory in use now (its block allocator was renamed in 0.19)."""
+    allocator = context.kv_block_allocator if MEGATRON_VERSION >= (0, 19) else context.block_allocator
+    return allocator.get_total_used() * context.block_size_bytes
+
+
 def _unset_inference_mode() -> None:
     """0.19's engine constructors set the process-wide InferenceMode flag and never clear it;
     while set, GPTModel asserts that every forward gathers TP logits, so the training forward

@@ -12,7 +12,8 @@ unchanged. On CPU it:
 - lets Megatron's dynamic inference engine run: NVTX ranges as no-ops, ``pin_memory`` off,
   pure-torch paged-KV attention in place of flash-attn's ``flash_attn_varlen_func`` (prefill
   and mixed steps) and ``flash_attn_with_kvcache`` (decode steps), the flash-attn version
-  check answered, triton's KV-append kernel off (it asserts CUDA tensors).
+  check answered, triton's KV-append kernel off (it asserts CUDA tensors), steps not padded
+  to 64 tokens.
 Callers must still pass an explicit attention mask (None reaches a "cuda" literal), keep
 ``sequence_parallel`` off (torch norms fail with it on CPU) and use ``batch_p2p_sync=False``.
 """
@@ -43,12 +44,21 @@ def _cpu_device(value):
 
 
 class _CudaAsCpu(TorchFunctionMode):
+    # every torch call passes here: a call without keyword arguments to any other function
+    # returns after one set lookup
+    _REWRITTEN = frozenset({torch.Tensor.cuda, torch.Tensor.type, torch.Tensor.to})
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if "device" in kwargs:
-            kwargs["device"] = _cpu_device(kwargs["device"])
-        if kwargs.get("pin_memory"):  # pinned host memory needs CUDA
-            kwargs["pin_memory"] = False
+        if kwargs:
+            kwargs = dict(kwargs)
+            if "device" in kwargs:
+                kwargs["device"] = _cpu_device(kwargs["device"])
+            if kwargs.get("pin_memory"):  # pinned host memory needs CUDA
+                kwargs["pin_memory"] = False
+        elif func not in self._REWRITTEN:
+            return func(*args)
+        else:
+            kwargs = {}
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
@@ -105,23 +115,24 @@ def _paged_attention(q, k_cache, v_cache, block_table, q_lengths, k_lengths, sof
     last query sees every key), grouped-query heads as flash-attn groups them (query head h
     reads KV head h // (Hq / Hkv)). Returns [R, Lq, Hq, D], zero at padding queries."""
     R, Lq, Hq, D = q.shape
-    blocks, block_size, Hkv, _ = k_cache.shape
-    table = block_table[:R].long().clamp_min(0)
-    Lk = table.shape[1] * block_size
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    Lk = max(int(k_lengths.max()), 1) if R else 1
+    table = block_table[:R, : -(-Lk // block_size)].long().clamp_min(0)
     held = torch.arange(Lk)[None, :] < k_lengths.long()[:, None]  # [R, Lk]
+    k = k_cache[table].reshape(R, -1, Hkv, D)[:, :Lk]
     # slots past a request's keys hold whatever the buffer held (torch.empty: NaN too); a zero
-    # weight times NaN is NaN, so they are zeroed, not only masked
-    k = k_cache[table].reshape(R, Lk, Hkv, D).masked_fill(~held[..., None, None], 0)
-    v = v_cache[table].reshape(R, Lk, Hkv, D).masked_fill(~held[..., None, None], 0)
-    k, v = (t.repeat_interleave(Hq // Hkv, dim=2) for t in (k, v))
-    scores = torch.einsum("rqhd,rkhd->rhqk", q.float(), k.float()) * softmax_scale
+    # weight times NaN is NaN, so the values there are zeroed, not only given zero weight
+    v = v_cache[table].reshape(R, -1, Hkv, D)[:, :Lk].masked_fill(~held[..., None, None], 0)
+    grouped = q.reshape(R, Lq, Hkv, Hq // Hkv, D).float()
+    scores = torch.einsum("rqkgd,rtkd->rkgqt", grouped, k.float()) * softmax_scale
     qi = torch.arange(Lq)[None, :, None]
     kj = torch.arange(Lk)[None, None, :]
     offset = (k_lengths - q_lengths).long()[:, None, None]
     allowed = held[:, None, :] & (kj <= qi + offset)  # [R, Lq, Lk]
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a padding query sees no key
-    return torch.einsum("rhqk,rkhd->rqhd", probs, v.float()).to(q.dtype)
+    out = torch.einsum("rkgqt,rtkd->rqkgd", probs, v.float())
+    return out.reshape(R, Lq, Hq, D).to(q.dtype)
 
 
 def _flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
@@ -169,6 +180,9 @@ def _enable_dynamic_inference() -> None:
     attention.flash_attn_varlen_func = _flash_attn_varlen_func
     attention.flash_attn_with_kvcache = _flash_attn_with_kvcache
     context = importlib.import_module("megatron.core.inference.contexts.dynamic_context")
+    # steps are padded to multiples of 64 tokens for GPU kernel and CUDA-graph shapes; on the
+    # CPU the padding is compute (4x on a mixed step of a few prompts)
+    context.DynamicInferenceContext.TOKEN_ROUNDER = 1
     if getattr(context, "triton_append_key_value_cache", None) is not None:
         context.triton_append_key_value_cache = None  # asserts CUDA tensors; the torch indexing path runs
 

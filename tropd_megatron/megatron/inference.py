@@ -11,7 +11,7 @@ import torch
 from .. import RunError
 from ..planner import kv_cache_bytes, kv_token_bytes
 from ..seeds import stream_seed
-from .compat import EngineSpec, dynamic_engine, reseed_sampling, run_dynamic, run_static, static_engine
+from .compat import EngineSpec, dynamic_engine, kv_bytes_in_use, reseed_sampling, run_dynamic, run_static, static_engine
 from .config import ModelConfig
 
 
@@ -237,10 +237,8 @@ class Generator:
         return results
 
     def _generate_dynamic(self, prompts, budgets, sampling, seed, stats):
-        context = self._engine.context
-
         def record_kv(engine):
-            stats.kv_bytes = max(stats.kv_bytes, context.block_allocator.get_total_used() * context.block_size_bytes)
+            stats.kv_bytes = max(stats.kv_bytes, kv_bytes_in_use(engine.context))
 
         reseed_sampling(self._controller, seed)
         params = [_sampling_params(sampling, budget, self.eos_id) for budget in budgets]
