@@ -25,3 +25,22 @@ def test_benchmark_runs_under_torchrun(tmp_path):
     assert names[0] == "Megatron vocab_parallel_cross_entropy" and len(rows) == 10, names
     for row in rows[2:-1]:  # every compact objective: one all-gather per call
         assert row.split(" | ")[5] == "1", row
+
+
+@pytest.mark.timeout(180)
+def test_rollout_benchmark_runs_and_checks_both_engines_agree(tmp_path):
+    """bench/rollout.py at a tiny size: both engines generate (the script asserts they agree
+    token for token) and the dynamic engine needs fewer forward passes on the long tail."""
+    from distributed import free_port
+
+    table = tmp_path / "rollout.md"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()),
+           os.path.join(ROOT, "bench", "rollout.py"), "--requests", "12", "--median", "6", "--concurrency", "4",
+           "--layers", "2", "--hidden", "64", "--repeats", "1", "--markdown", str(table)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=170,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.read_text().splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"engine", "static", "dynamic", "dynamic / static"}
+    assert int(rows["dynamic"][3]) < int(rows["static"][3])  # forward passes
