@@ -35,7 +35,10 @@ def run_iteration(student: Student, teacher, student_generator: Generator, teach
     rollouts = collect_rollouts(student_generator, teacher_generator, [p.token_ids for p in batch], rollout,
                                 step=step, total_steps=total_steps, seed=stream_seed(seed, "rollouts", rank=dp_rank))
     t1 = time.perf_counter()
-    microbatches = to_microbatches(rollouts, rollout.micro_batch_size, student_generator.eos_id)
+    microbatches = to_microbatches(
+        rollouts, rollout.micro_batch_size, student_generator.eos_id, pack=rollout.packing,
+        row_tokens=rollout.packed_row_tokens(prompts.config.max_prompt_tokens),
+        same_shape=parallel_state.get_pipeline_model_parallel_world_size() > 1)
     if isinstance(objective, DenseKLConfig):
         for mb in microbatches:
             mb.rollout_logprobs = None  # no reward term to correct

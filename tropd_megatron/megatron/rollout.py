@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..losses import sequence_token_keys
 from ..seeds import stream_seed
 from .inference import EngineConfig, Generator, SamplingConfig
 from .step import MicroBatch
@@ -22,7 +23,11 @@ class RolloutConfig:
     # the inference engine of both generators (student and teacher), its concurrency and KV memory
     engine: EngineConfig = field(default_factory=EngineConfig)
     rollouts_per_prompt: int = 4
-    micro_batch_size: int = 4
+    micro_batch_size: int = 4  # rows per micro-batch (packed: each row holds several rollouts)
+    # pack rollouts into rows of row_tokens tokens, each attending only to itself (False: one
+    # rollout a row, padded to the step's longest)
+    packing: bool = True
+    row_tokens: int = 0  # 0: the longest rollout a run can produce (max_prompt_tokens + max_new_tokens - 1)
     prefix_share_start: float = 0.0  # share of rollouts that start with a teacher prefix
     prefix_share_end: float = 0.0
     prefix_tokens_start: int = 0  # L, the teacher prefix length
@@ -35,8 +40,12 @@ class RolloutConfig:
         for name in ("prefix_tokens_start", "prefix_tokens_end"):
             if not 0 <= getattr(self, name) < self.sampling.max_new_tokens:
                 raise ValueError(f"RolloutConfig.{name}={getattr(self, name)}; must be in [0, max_new_tokens)")
-        if min(self.rollouts_per_prompt, self.micro_batch_size) < 1:
-            raise ValueError("RolloutConfig.rollouts_per_prompt and micro_batch_size must be >= 1")
+        if min(self.rollouts_per_prompt, self.micro_batch_size) < 1 or self.row_tokens < 0:
+            raise ValueError("RolloutConfig.rollouts_per_prompt and micro_batch_size must be >= 1, row_tokens >= 0")
+
+    def packed_row_tokens(self, max_prompt_tokens: int) -> int:
+        """Tokens per packed row: ``row_tokens``, or the longest rollout the run can produce."""
+        return self.row_tokens or max_prompt_tokens + self.sampling.max_new_tokens - 1
 
     def prefix_schedule(self, step: int, total_steps: int) -> tuple[float, int]:
         """(share, L) at ``step``: linear from the start values to the end values."""
@@ -88,32 +97,84 @@ def collect_rollouts(student: Generator, teacher: Generator, prompts: list, conf
     return rollouts
 
 
-def to_microbatches(rollouts: list[Rollout], micro_batch_size: int, pad_id: int) -> list[MicroBatch]:
-    """Pack rollouts into micro-batches of one shape [micro_batch_size, S] (pipeline schedules
-    need equal shapes): tokens = sequence[:-1], labels = sequence[1:]; loss_mask marks labels
-    that are response tokens, prefix_mask the teacher's, rollout_logprobs the student's
-    log-probs at its own tokens. Rows beyond the rollouts are fully masked padding."""
+def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` in rows of at most ``capacity`` tokens: longest first, each into
+    the first row with room (first-fit decreasing: at most 11/9 of the optimal row count + 1)."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if slot is None:
+            rows.append([])
+            room.append(capacity)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        room[slot] -= lengths[i]
+    return rows
+
+
+def to_microbatches(rollouts: list[Rollout], micro_batch_size: int, pad_id: int, *, pack: bool = False,
+                    row_tokens: int | None = None, same_shape: bool = True, multiple_of: int = 1) -> list[MicroBatch]:
+    """Micro-batches of ``micro_batch_size`` rows: tokens = sequence[:-1], labels =
+    sequence[1:]; loss_mask marks labels that are response tokens (the end token included),
+    prefix_mask the teacher's, rollout_logprobs the student's log-probs at its own tokens,
+    trust_keys each rollout's stochastic-trust keys (computed on the rollout alone, so both
+    layouts draw the same mask).
+
+    Padded (``pack`` False): one rollout a row, every row as long as the longest rollout.
+    Packed: rollouts bin-packed into rows of at most ``row_tokens`` tokens (first-fit
+    decreasing), each attending only to itself (``MicroBatch.segments``); a rollout longer than
+    a row is an error. ``same_shape`` (what pipeline parallelism needs): every micro-batch
+    [micro_batch_size, S] with one S (packed: ``row_tokens``); else each micro-batch as long as
+    its longest row. Lengths are rounded up to ``multiple_of`` (sequence parallelism: the TP
+    size). Rows beyond the rollouts are fully masked padding."""
     seqs = [r.prompt + r.prefix + r.continuation for r in rollouts]
-    S = max(len(s) for s in seqs) - 1
-    n = -(-len(rollouts) // micro_batch_size) * micro_batch_size
+    lengths = [len(s) - 1 for s in seqs]
+    if pack:
+        if row_tokens is None or row_tokens < max(lengths):
+            raise ValueError(f"a rollout of {max(lengths)} tokens does not fit a packed row of rollout.row_tokens="
+                             f"{row_tokens}: set it to at least max_prompt_tokens + max_new_tokens - 1")
+        rows = _first_fit_decreasing(lengths, row_tokens)
+    else:
+        rows = [[i] for i in range(len(rollouts))]
+    rows += [[] for _ in range(-len(rows) % micro_batch_size)]  # whole micro-batches
+    fixed = (row_tokens if pack else max(lengths)) if same_shape else None
+    out = []
+    for start in range(0, len(rows), micro_batch_size):
+        group = rows[start : start + micro_batch_size]
+        S = fixed or max(sum(lengths[i] for i in row) for row in group)
+        S = -(-S // multiple_of) * multiple_of
+        out.append(_microbatch([[(rollouts[i], seqs[i]) for i in row] for row in group], S, pad_id, pack))
+    if not any(r.prefix for r in rollouts):  # no prefix_mask at all when no rollout has one
+        for mb in out:
+            mb.prefix_mask = None
+    return out
+
+
+def _microbatch(rows: list, S: int, pad_id: int, packed: bool) -> MicroBatch:
+    """One micro-batch of rows, each a list of (rollout, sequence) placed one after another."""
+    n = len(rows)
     tokens = torch.full((n, S), pad_id, dtype=torch.long)
     labels = torch.full((n, S), pad_id, dtype=torch.long)
     loss_mask = torch.zeros(n, S)
     prefix_mask = torch.zeros(n, S, dtype=torch.bool)
     rollout_logprobs = torch.zeros(n, S)
-    for row, (r, seq) in enumerate(zip(rollouts, seqs)):
-        seq = torch.tensor(seq)
-        tokens[row, : len(seq) - 1] = seq[:-1]
-        labels[row, : len(seq) - 1] = seq[1:]
-        start = len(r.prompt) - 1  # label position of the first response token
-        cont = start + len(r.prefix)
-        loss_mask[row, start : cont + len(r.continuation)] = 1.0
-        prefix_mask[row, start:cont] = True
-        rollout_logprobs[row, cont : cont + len(r.continuation)] = torch.tensor(r.continuation_logprobs)
-    has_prefix = bool(prefix_mask.any())  # no prefix_mask at all when no rollout has one
-    return [
-        MicroBatch(tokens[i : i + micro_batch_size], labels[i : i + micro_batch_size], loss_mask[i : i + micro_batch_size],
-                   prefix_mask[i : i + micro_batch_size] if has_prefix else None,
-                   rollout_logprobs[i : i + micro_batch_size])
-        for i in range(0, n, micro_batch_size)
-    ]
+    trust_keys = torch.zeros(n, S, dtype=torch.long)
+    segments = torch.zeros(n, S, dtype=torch.long)
+    for row, placed in enumerate(rows):
+        at = 0
+        for segment, (r, seq) in enumerate(placed, 1):
+            seq = torch.tensor(seq)
+            span = slice(at, at + len(seq) - 1)
+            tokens[row, span], labels[row, span] = seq[:-1], seq[1:]
+            mask = torch.zeros(len(seq) - 1)
+            start = len(r.prompt) - 1  # label position of the first response token
+            cont = start + len(r.prefix)
+            mask[start : cont + len(r.continuation)] = 1.0
+            loss_mask[row, span] = mask
+            prefix_mask[row, at + start : at + cont] = True
+            rollout_logprobs[row, at + cont : at + cont + len(r.continuation)] = torch.tensor(r.continuation_logprobs)
+            trust_keys[row, span] = sequence_token_keys(seq[1:][None], mask[None])[0]
+            segments[row, span] = segment
+            at += len(seq) - 1
+    return MicroBatch(tokens, labels, loss_mask, prefix_mask, rollout_logprobs,
+                      segments=segments if packed else None, trust_keys=trust_keys)

@@ -24,6 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ..losses import (ObjectiveConfig, SFTConfig, TeacherSignal, distillation_loss, reduce_metrics, supervised_loss,
                       swap_token_logits)
 from . import cpu
+from .compat import HAVE_TE
 from .config import ModelConfig, OptimConfig, ParallelConfig
 from .models import build_gpt
 
@@ -31,20 +32,75 @@ from .models import build_gpt
 @dataclass
 class MicroBatch:
     """tokens [B, S] model input; labels [B, S] the token each position predicts (the sampled
-    response tokens); loss_mask [B, S]; optional prefix_mask and rollout_logprobs [B, S]."""
+    response tokens); loss_mask [B, S]; optional prefix_mask and rollout_logprobs [B, S].
+
+    ``segments`` [B, S] (int, packed rows): which sequence of its row each position belongs to,
+    0 for the padding at a row's end; each sequence attends only to itself (None: one sequence
+    per row). ``trust_keys`` [B, S]: the stochastic trust mask's keys, computed per sequence
+    before packing (None: from labels and loss_mask per row)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor
     prefix_mask: Optional[torch.Tensor] = None
     rollout_logprobs: Optional[torch.Tensor] = None
+    segments: Optional[torch.Tensor] = None
+    trust_keys: Optional[torch.Tensor] = None
 
     def model_inputs(self):
+        """GPTModel's (tokens, position_ids, attention_mask[, packed_seq_params]). Packed rows:
+        TransformerEngine gets the rows as one THD sequence with its boundaries
+        (PackedSeqParams); Megatron's local layers a block-diagonal causal mask (their
+        attention takes no PackedSeqParams)."""
         B, S = self.tokens.shape
-        positions = torch.arange(S, device=self.tokens.device).expand(B, S)
-        # explicit causal mask (True = masked): a None mask reaches a "cuda" literal on CPU
-        causal = torch.ones(S, S, dtype=torch.bool, device=self.tokens.device).triu(1)[None, None]
-        return self.tokens, positions, causal
+        device = self.tokens.device
+        if self.segments is None:
+            positions = torch.arange(S, device=device).expand(B, S)
+            # explicit causal mask (True = masked): a None mask reaches a "cuda" literal on CPU
+            causal = torch.ones(S, S, dtype=torch.bool, device=device).triu(1)[None, None]
+            return self.tokens, positions, causal
+        positions = segment_positions(self.segments)
+        if HAVE_TE:
+            return self.tokens.reshape(1, B * S), positions.reshape(1, B * S), None, thd_params(self.segments)
+        same = self.segments[:, :, None] == self.segments[:, None, :]
+        causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+        return self.tokens, positions, ~(same & causal)[:, None]
+
+    def model_shape(self) -> tuple[int, int]:
+        """(micro-batch size, sequence length) as the model sees them: the pipeline's p2p shape."""
+        B, S = self.tokens.shape
+        return (1, B * S) if self.segments is not None and HAVE_TE else (B, S)
+
+    def logits_view(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's logits as [B, S, V/TP] (a THD forward returns [1, B x S, V/TP])."""
+        return logits.reshape(*self.tokens.shape, logits.shape[-1])
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """[B, S] the position of each token inside its sequence (a new sequence starts where the
+    segment id changes)."""
+    B, S = segments.shape
+    index = torch.arange(S, device=segments.device).expand(B, S)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.cummax(torch.where(starts, index, 0), dim=1).values
+    return index - first
+
+
+def thd_params(segments: torch.Tensor):
+    """PackedSeqParams for rows flattened into one THD sequence: every segment, the row-end
+    padding included, is a sequence of its own."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    flat = segments.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[:: segments.shape[1]] = True  # every row starts a sequence
+    bounds = torch.cat([torch.nonzero(starts).flatten(), torch.tensor([flat.numel()], device=flat.device)])
+    cu = bounds.to(torch.int32)
+    longest = int((bounds[1:] - bounds[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
 
 
 @dataclass
@@ -110,7 +166,7 @@ def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConf
 
 def _schedule(model, microbatches: list[MicroBatch], items: list, forward_step, forward_only: bool):
     """Megatron's pipeline schedule over ``items`` (one per micro-batch, fed to forward_step)."""
-    B, S = microbatches[0].tokens.shape
+    B, S = microbatches[0].model_shape()  # under PP every micro-batch has this shape
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(items), model=[model],
         num_microbatches=len(items), seq_length=S, micro_batch_size=B, forward_only=forward_only,
@@ -130,6 +186,7 @@ def teacher_outputs(teacher, microbatches: list[MicroBatch], *, topk: int, dense
         mb = next(data_iterator)
 
         def keep(logits):
+            logits = mb.logits_view(logits)
             if end_tokens is not None:
                 logits = swap_token_logits(logits, *end_tokens, tp_group=tp_group)
             outputs.append(logits.detach() if dense else TeacherSignal.from_logits(
@@ -191,12 +248,13 @@ def train_step(
         mb, signal = next(data_iterator)
 
         def loss_func(logits):
+            logits = mb.logits_view(logits)
             if supervised:
                 return supervised_loss(logits, mb.labels, mb.loss_mask, tp_group=tp_group, vocab_size=vocab_size)
             return distillation_loss(
                 logits, signal, mb.labels, mb.loss_mask, objective, prefix_mask=mb.prefix_mask,
                 rollout_logprobs=mb.rollout_logprobs, tp_group=tp_group, vocab_size=vocab_size,
-                step=step, total_steps=total_steps,
+                step=step, total_steps=total_steps, trust_keys=mb.trust_keys,
             )
 
         return model(*mb.model_inputs()), loss_func
