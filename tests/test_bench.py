@@ -44,3 +44,21 @@ def test_rollout_benchmark_runs_and_checks_both_engines_agree(tmp_path):
             if line.startswith("| ") and "---" not in line}
     assert set(rows) == {"engine", "static", "dynamic", "dynamic / static"}
     assert int(rows["dynamic"][3]) < int(rows["static"][3])  # forward passes
+
+
+@pytest.mark.timeout(180)
+def test_step_benchmark_runs_and_packing_computes_fewer_tokens(tmp_path):
+    """bench/step.py at a tiny size: both layouts step (the script asserts the same loss) and
+    the packed one computes fewer tokens."""
+    from distributed import free_port
+
+    table = tmp_path / "step.md"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()),
+           os.path.join(ROOT, "bench", "step.py"), "--rollouts", "12", "--median", "6", "--prompt-tokens", "8",
+           "--layers", "1", "--hidden", "32", "--vocab", "128", "--repeats", "1", "--markdown", str(table)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=170,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.read_text().splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert int(rows["packed"][2]) < int(rows["padded"][2])  # tokens computed (targets: docs/benchmarks.md)

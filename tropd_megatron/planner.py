@@ -6,9 +6,13 @@ holds at its peak, the student's backward pass, when everything below is alive a
 - student weights: model dtype; gradients: fp32 (the DDP buffer reduces in fp32); optimizer:
   Megatron's distributed optimizer, fp32 main params + state sharded over data parallel.
 - teacher weights: model dtype, no gradients, no optimizer.
-- student activations for one micro-batch of (max_prompt_tokens + max_new_tokens) tokens
-  (Korthikanti et al. 2022, see ``activation_bytes``), its logits, and the teacher signal of
-  every micro-batch of the step (``train_step`` computes them all before the student pass).
+- student activations for one micro-batch of ``micro_batch_size`` rows of the row length
+  (packed: ``rollout.row_tokens``, by default the longest possible rollout; padded: the
+  longest possible rollout) (Korthikanti et al. 2022, see ``activation_bytes``), its logits,
+  and the teacher signal of every micro-batch of the step (``train_step`` computes them all
+  before the student pass). The step is planned at its worst case, every rollout of the
+  longest length: then packing holds one rollout a row, as padding does; with shorter
+  rollouts packing needs fewer micro-batches (less teacher signal, less compute).
 - KV caches (``kv_cache_bytes``): each generator keeps its cache from its first use on, so
   the caches stay allocated while training: the dynamic engine's block buffer
   (``rollout.engine.kv_cache_gib``, capped at what ``max_requests`` requests can use), or the
@@ -175,7 +179,7 @@ class MemoryPlan:
     data_parallel: int
     teacher_parameters: int
     student_parameters: int
-    sequence: int  # tokens per training sequence (prompt + new tokens)
+    sequence: int  # tokens per micro-batch row
     rollouts_per_rank: int
     items: dict[str, int]
     capacity: Optional[int]
@@ -195,7 +199,7 @@ class MemoryPlan:
             f"{self.name} on {self.gpus} x {self.gpu}: tensor {self.tensor} x pipeline {self.pipeline} "
             f"x data {self.data_parallel}",
             f"teacher {_count(self.teacher_parameters)} parameters, student {_count(self.student_parameters)}; "
-            f"{self.rollouts_per_rank} rollouts of up to {self.sequence} tokens per data-parallel rank",
+            f"{self.rollouts_per_rank} rollouts per data-parallel rank, micro-batch rows of {self.sequence} tokens",
             f"{'per GPU':<{width}}{'GiB':>9}",
         ]
         lines += [f"{k:<{width}}{v / GIB:9.2f}" for k, v in self.items.items()]
@@ -252,8 +256,9 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
     on_gpu = capacity is not None
     rollouts = prompts * rollout.rollouts_per_prompt // dp
     microbatches = _ceil_div(rollouts, rollout.micro_batch_size)
-    sequence = config.data.max_prompt_tokens + rollout.sampling.max_new_tokens
-    tokens_per_step = microbatches * rollout.micro_batch_size * sequence  # padded rows included
+    sequence = (rollout.packed_row_tokens(config.data.max_prompt_tokens) if rollout.packing
+                else config.data.max_prompt_tokens + rollout.sampling.max_new_tokens - 1)
+    tokens_per_step = microbatches * rollout.micro_batch_size * sequence  # the worst case: a rollout a row
     student_params = stage_parameters(student, tp, pp)
     # the distributed optimizer (GPU only: the trainer uses the plain one on CPU) shards its state
     optimizer_shards = dp if on_gpu else 1
