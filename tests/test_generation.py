@@ -46,10 +46,13 @@ def _forward(model, prompt, generated, tp):
     argmax at every generated position (gathered over TP ranks)."""
     from megatron.core import parallel_state
 
-    full = torch.tensor([prompt + generated])
-    tokens, labels = full[:, :-1], full[:, 1:]
+    sequence = prompt + generated
+    n = len(sequence) - 1
+    full = torch.tensor([sequence + [0] * (-n % tp)])  # sequence parallelism splits positions over TP (causal:
+    tokens, labels = full[:, :-1], full[:, 1:]         # the padding at the end changes nothing before it)
     with torch.no_grad():
-        logits = model(*MicroBatch(tokens, labels, torch.ones_like(labels)).model_inputs())
+        logits = model(*MicroBatch(tokens, labels, torch.ones_like(labels)).model_inputs())[:, :n]
+    labels = labels[:, :n]
     group = parallel_state.get_tensor_model_parallel_group()
     lp, _ = gather_logprobs(logits, labels[..., None], tp_group=group, vocab_size=CONFIG.vocab_size)
     positions = logits[0, len(prompt) - 1 :].contiguous()  # local shards: the argmax is over all ranks
@@ -59,9 +62,9 @@ def _forward(model, prompt, generated, tp):
     return lp[0, len(prompt) - 1 :, 0].tolist(), argmax.tolist()
 
 
-def _worker(rank, world, tp, name):
+def _worker(rank, world, tp, name, sp=False):
     initialize(ParallelConfig(tp, 1), seed=0)  # CPU init: the same weights at any TP size
-    model = build_gpt(CONFIG, ParallelConfig(tp, 1))
+    model = build_gpt(CONFIG, ParallelConfig(tp, 1, sequence_parallel=sp))
     gen = Generator(model, CONFIG, eos_id=EOS, engine=engine(name))
     greedy = gen.generate(PROMPTS, SamplingConfig(top_k=1), max_new_tokens=BUDGETS)
     greedy_forwards = gen.stats.forward_passes
@@ -114,6 +117,19 @@ def _worker(rank, world, tp, name):
 @pytest.fixture(scope="module")
 def runs():
     return {(name, tp): run_workers(_worker, tp, tp, name, timeout=150) for name in ENGINES for tp in (1, 2)}
+
+
+def test_the_dynamic_engine_with_sequence_parallelism(runs):
+    """TP = 2 with sequence parallelism (the GPU recipes' layout) generates TP = 1's tokens and
+    log-probs, stops at the end token and queues beyond its KV memory as without it. (Megatron's
+    static engine refuses sequence parallelism for dense models; the configuration check says so.)"""
+    sp = run_workers(_worker, 2, 2, "dynamic", True, timeout=150)[0]
+    plain = runs[("dynamic", 1)][0]
+    for key in ("greedy", "ended", "cut", "queued", "sampled"):
+        assert sp[key] == runs[("dynamic", 2)][0][key], key
+    assert sp["greedy"] == plain["greedy"] and sp["ended"] == plain["ended"]
+    for got, expected in zip(sp["greedy_logprobs"], plain["forward_logprobs"]):
+        np.testing.assert_allclose(got, expected, atol=LOGPROB_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", ENGINES)

@@ -61,10 +61,11 @@ def state_of(model):
             and not k.endswith("_extra_state")}
 
 
-def _setup(tp, pp, optimizer="sgd", lr=0.5):
-    initialize(ParallelConfig(tp, pp), seed=0)
-    teacher = build_gpt(TEACHER, ParallelConfig(tp, pp), frozen=True)
-    student = build_student(STUDENT, ParallelConfig(tp, pp), OptimConfig(optimizer=optimizer, lr=lr, clip_grad=0.0),
+def _setup(tp, pp, optimizer="sgd", lr=0.5, sp=False):
+    parallel = ParallelConfig(tp, pp, sequence_parallel=sp)
+    initialize(parallel, seed=0)
+    teacher = build_gpt(TEACHER, parallel, frozen=True)
+    student = build_student(STUDENT, parallel, OptimConfig(optimizer=optimizer, lr=lr, clip_grad=0.0),
                             total_steps=STEPS)
     return teacher, student
 
@@ -75,10 +76,10 @@ def _init_worker(rank, world, root):
     save_checkpoint(os.path.join(root, "student"), 0, student.model.module)
 
 
-def _parity_worker(rank, world, root, tp, pp, mode="tropd"):
+def _parity_worker(rank, world, root, tp, pp, mode="tropd", sp=False):
     from megatron.core import parallel_state
 
-    teacher, student = _setup(tp, pp)
+    teacher, student = _setup(tp, pp, sp=sp)
     load_checkpoint(latest_checkpoint(os.path.join(root, "teacher")), teacher)
     load_checkpoint(latest_checkpoint(os.path.join(root, "student")), student.model.module)
     batches = microbatches(0)
@@ -88,7 +89,7 @@ def _parity_worker(rank, world, root, tp, pp, mode="tropd"):
     objective = {"tropd": OBJECTIVE, "dense": DenseKLConfig("reverse"), "sft": SFTConfig()}[mode]
     result = train_step(student, None if mode == "sft" else teacher, batches, objective, vocab_size=VOCAB, step=0,
                         total_steps=STEPS, dense=mode == "dense")
-    save_checkpoint(os.path.join(root, f"after_tp{tp}pp{pp}dp{dp}_{mode}"), 1, student.model.module)
+    save_checkpoint(os.path.join(root, f"after_tp{tp}pp{pp}dp{dp}{'sp' if sp else ''}_{mode}"), 1, student.model.module)
     return result.metrics
 
 
@@ -108,8 +109,9 @@ def initial(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["tropd", "dense", "sft"])
 def test_tp_pp_dp_steps_match_tp1(initial, mode):
-    """One step at TP = 2, TP = 2 x PP = 2 and DP = 2 gives TP = 1's loss, metrics and
-    parameter update (SGD, so the update is the gradient). Compact teacher signal with TrOPD,
+    """One step at TP = 2, TP = 2 x PP = 2, DP = 2, and TP = 2 (x PP = 2) with sequence
+    parallelism gives TP = 1's loss, metrics and parameter update (SGD, so the update is the
+    gradient). Compact teacher signal with TrOPD,
     the dense mode (teacher logits handed to the loss) with reverse KL, and supervised
     fine-tuning with no teacher."""
     suffix = "_" + mode
@@ -119,15 +121,16 @@ def test_tp_pp_dp_steps_match_tp1(initial, mode):
     assert reference["tokens"] == 24 and (mode != "tropd" or 0 < reference["trust_fraction"] < 1)
     moved = sum(float(np.abs(expected[k] - before[k]).max()) for k in expected)
     assert moved > 1e-3, "the step must change the student"
-    for tp, pp, dp in ((2, 1, 1), (2, 2, 1), (1, 1, 2)):
-        what = f"TP={tp} PP={pp} DP={dp}{suffix}"
-        ranks = run_workers(_parity_worker, tp * pp * dp, initial, tp, pp, mode)
+    for tp, pp, dp, sp in ((2, 1, 1, False), (2, 2, 1, False), (1, 1, 2, False), (2, 1, 1, True), (2, 2, 1, True)):
+        what = f"TP={tp} PP={pp} DP={dp}{' SP' if sp else ''}{suffix}"
+        ranks = run_workers(_parity_worker, tp * pp * dp, initial, tp, pp, mode, sp)
         last = ranks[-1]  # a last pipeline stage; metrics are reduced over data-parallel ranks
         for key in ("loss", "tokens", "kl_k1", "kl_k3", "trust_fraction", "student_entropy", "teacher_entropy"):
             if key not in reference:  # supervised fine-tuning logs loss and tokens only
                 continue
             np.testing.assert_allclose(last[key], reference[key], rtol=RTOL, atol=ATOL, err_msg=f"{what} {key}")
-        got = run_workers(_read_worker, 1, os.path.join(initial, f"after_tp{tp}pp{pp}dp{dp}{suffix}", "step_00000001"))[0]
+        got = run_workers(_read_worker, 1, os.path.join(initial, f"after_tp{tp}pp{pp}dp{dp}{'sp' if sp else ''}{suffix}",
+                                                        "step_00000001"))[0]
         for k in expected:
             np.testing.assert_allclose(got[k] - before[k], expected[k] - before[k], rtol=RTOL, atol=ATOL,
                                        err_msg=f"{what} update of {k}")

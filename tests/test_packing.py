@@ -48,10 +48,10 @@ def _init_worker(rank, world, root):
     save_checkpoint(os.path.join(root, "student"), 0, build_gpt(STUDENT, ParallelConfig()))
 
 
-def _step_worker(rank, world, root, tp, pp, pack):
+def _step_worker(rank, world, root, tp, pp, pack, sp=False):
     from megatron.core import parallel_state
 
-    parallel = ParallelConfig(tp, pp)
+    parallel = ParallelConfig(tp, pp, sequence_parallel=sp)
     initialize(parallel, seed=0)
     teacher = build_gpt(TEACHER, parallel, frozen=True)
     student = build_student(STUDENT, parallel, OptimConfig(optimizer="sgd", lr=0.5, clip_grad=0.0), total_steps=2)
@@ -59,9 +59,9 @@ def _step_worker(rank, world, root, tp, pp, pack):
     load_checkpoint(latest_checkpoint(os.path.join(root, "student")), student.model.module)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mine = rollouts()[dp_rank::dp]
-    batches = to_microbatches(mine, 2, EOS, pack=pack, row_tokens=ROW, same_shape=pp > 1)
+    batches = to_microbatches(mine, 2, EOS, pack=pack, row_tokens=ROW, same_shape=pp > 1, multiple_of=tp if sp else 1)
     result = train_step(student, teacher, batches, OBJECTIVE, vocab_size=VOCAB, step=1, total_steps=2)
-    save_checkpoint(os.path.join(root, f"after_tp{tp}pp{pp}dp{dp}_{'packed' if pack else 'padded'}"), 1,
+    save_checkpoint(os.path.join(root, f"after_tp{tp}pp{pp}dp{dp}{'sp' if sp else ''}_{'packed' if pack else 'padded'}"), 1,
                     student.model.module)
     padded = to_microbatches(mine, 2, EOS, same_shape=pp > 1)
     return dict(metrics=result.metrics, computed=sum(mb.tokens.numel() for mb in batches),
@@ -103,20 +103,21 @@ def test_rollouts_of_very_different_lengths_pack_into_fewer_rows():
 @pytest.mark.timeout(300)
 def test_packed_steps_equal_padded_at_tp_pp_dp(initial):
     """One step (teacher pass + student forward/backward + SGD) on packed micro-batches gives
-    the padded TP = 1 step's loss, metrics and update, at TP = 1, TP = 2, PP = 2 and DP = 2."""
+    the padded TP = 1 step's loss, metrics and update, at TP = 1, TP = 2, PP = 2, DP = 2 and
+    TP = 2 with sequence parallelism."""
     reference = run_workers(_step_worker, 1, initial, 1, 1, False)[0]
     before = run_workers(_read_worker, 1, os.path.join(initial, "student", "step_00000000"))[0]
     expected = run_workers(_read_worker, 1, os.path.join(initial, "after_tp1pp1dp1_padded", "step_00000001"))[0]
     m = reference["metrics"]
     assert m["prefix_tokens"] > 0 and 0 < m["trust_fraction"] < 1
-    for tp, pp, dp in ((1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)):
-        what = f"packed TP={tp} PP={pp} DP={dp}"
-        ranks = run_workers(_step_worker, tp * pp * dp, initial, tp, pp, True, timeout=150)
+    for tp, pp, dp, sp in ((1, 1, 1, False), (2, 1, 1, False), (1, 2, 1, False), (1, 1, 2, False), (2, 1, 1, True)):
+        what = f"packed TP={tp} PP={pp} DP={dp}{' SP' if sp else ''}"
+        ranks = run_workers(_step_worker, tp * pp * dp, initial, tp, pp, True, sp, timeout=150)
         got = ranks[-1]["metrics"]  # a last pipeline stage, reduced over data-parallel ranks
         assert set(got) == set(m), what
         for key in m:
             np.testing.assert_allclose(got[key], m[key], rtol=RTOL, atol=ATOL, err_msg=f"{what} {key}")
-        after = run_workers(_read_worker, 1, os.path.join(initial, f"after_tp{tp}pp{pp}dp{dp}_packed",
+        after = run_workers(_read_worker, 1, os.path.join(initial, f"after_tp{tp}pp{pp}dp{dp}{'sp' if sp else ''}_packed",
                                                           "step_00000001"))[0]
         for k in expected:
             np.testing.assert_allclose(after[k] - before[k], expected[k] - before[k], rtol=RTOL, atol=ATOL,

@@ -128,10 +128,11 @@ TEACHER = ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=4, ffn_h
                       padded_vocab_size=64, max_sequence_length=48, init_method_std=0.3)
 
 
-def _iteration_worker(rank, world, path):
-    initialize(ParallelConfig(2, 1), seed=0)
-    teacher = build_gpt(TEACHER, ParallelConfig(2, 1), frozen=True)
-    student = build_student(STUDENT, ParallelConfig(2, 1), OptimConfig(lr=1e-2), total_steps=2)
+def _iteration_worker(rank, world, path, sp):
+    parallel = ParallelConfig(2, 1, sequence_parallel=sp)
+    initialize(parallel, seed=0)
+    teacher = build_gpt(TEACHER, parallel, frozen=True)
+    student = build_student(STUDENT, parallel, OptimConfig(lr=1e-2), total_steps=2)
     student_gen = Generator(student.model.module, STUDENT, eos_id=EOS, engine=EngineConfig(max_requests=8, kv_cache_gib=0.01))
     teacher_gen = Generator(teacher, TEACHER, eos_id=EOS, engine=EngineConfig(max_requests=8, kv_cache_gib=0.01))
     prompts = PromptStream(PromptDataConfig(path, max_prompt_tokens=12), tokenize)
@@ -169,9 +170,12 @@ def _iteration_worker(rank, world, path):
     )
 
 
-def test_full_iteration_at_tp2(tmp_path):
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sequence-parallel"])
+def test_full_iteration_at_tp2(tmp_path, sp):
+    """Two iterations (dynamic engine, packed micro-batches, the distributed optimizer), with
+    and without sequence parallelism."""
     path = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"prompt": f"{a}+{b}="}) for a in range(3) for b in range(3)])
-    ranks = run_workers(_iteration_worker, 2, path, timeout=180)
+    ranks = run_workers(_iteration_worker, 2, path, sp, timeout=180)
     for r in ranks:
         assert r["prefixed"] == 2 and len(r["checks"]) == 2 and all(r["checks"]), r["checks"]
         assert r["student_changed"] and r["teacher_same"] and r["train_mode"]

@@ -15,6 +15,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .data import PromptDataConfig
 from .losses import DenseKLConfig, EOPDConfig, OPDConfig, REOPOLDConfig, TrOPDConfig
+from .megatron.checkpoint import OPTIMIZER_FORMATS
 from .megatron.config import ModelConfig, OptimConfig, ParallelConfig
 from .megatron.rollout import RolloutConfig
 
@@ -67,10 +68,16 @@ class CheckpointConfig:
     dir: str = "runs/checkpoints"
     save_every: int = 50  # steps; the last step is always saved
     resume: bool = True  # continue from ``dir``'s latest checkpoint when there is one
+    # the distributed optimizer's state: "dp_reshardable" (parallel, resumes at any data-parallel
+    # size) or "fully_reshardable" (gathered; resumes at any tensor / pipeline layout too)
+    optimizer_format: str = "dp_reshardable"
 
     def __post_init__(self):
         if self.save_every < 1:
             raise ValueError(f"checkpoint.save_every={self.save_every}; must be >= 1")
+        if self.optimizer_format not in OPTIMIZER_FORMATS:
+            raise ValueError(f"checkpoint.optimizer_format={self.optimizer_format!r}; expected one of "
+                             f"{OPTIMIZER_FORMATS}")
 
 
 @dataclass

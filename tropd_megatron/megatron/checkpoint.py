@@ -10,6 +10,7 @@ previous checkpoint and pointer intact.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -46,17 +47,100 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict:
+# How Megatron's distributed optimizer lays out its state: "dp_reshardable" saves each rank's
+# shard in parallel with no exchange and loads at any data-parallel size, but only at the
+# saving run's tensor x pipeline layout; "fully_reshardable" gathers the state over
+# data-parallel ranks into per-parameter tensors (the full state of a TP x PP shard is briefly
+# held on every rank) and loads at any layout.
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
+
+
+def _torch_optimizers(optimizer):
+    """The torch optimizers inside a Megatron optimizer (chained or not)."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(part, "optimizer", None) is not None:
+            yield part.optimizer
+
+
+def _start_adam_state(optimizer) -> None:
+    """Give torch Adam the state it has before its first step (zero moments, step 0) where it
+    has none yet. Megatron's distributed optimizer reads every parameter's ``step`` from it to
+    save (a run whose first updates were all skipped) and to load into a fresh optimizer; with
+    TransformerEngine's or apex's Adam the step lives elsewhere, with torch's it is per parameter."""
+    for inner in _torch_optimizers(optimizer):
+        if not isinstance(inner, torch.optim.Adam):  # AdamW is one
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _restore_adam_steps(optimizer, loaded: dict) -> None:
+    """Torch Adam's step count after Megatron's distributed optimizer loaded a checkpoint.
+
+    Without TransformerEngine's or apex's Adam, the distributed optimizer keeps torch's
+    per-parameter ``step`` in the parameter state it saves, but loads it as one tensor shared
+    by every parameter, left at the fresh optimizer's value (torch would also advance the
+    shared tensor once per parameter per update). The checkpoint records the count in its
+    param_groups; each parameter gets its own tensor of it (tested: resume is bitwise)."""
+    parts = [loaded] if "optimizer" in loaded else [loaded[k] for k in sorted(k for k in loaded if isinstance(k, int))]
+    for inner, part in zip(_torch_optimizers(optimizer), parts):
+        steps = {g["step"] for g in part.get("optimizer", {}).get("param_groups", []) if "step" in g}
+        if isinstance(inner, torch.optim.Adam) and len(steps) == 1:
+            step = float(steps.pop())
+            for state in inner.state.values():
+                state["step"] = torch.tensor(step)
+
+
+@contextlib.contextmanager
+def _steps_kept_while_loading():
+    """Megatron's fully reshardable format holds no ``step`` per parameter, but its loader
+    copies every key of torch Adam's per-parameter state (``step`` included) from it: the
+    parameter keeps its own step here, and ``_restore_adam_steps`` sets the count after."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group, order = self.model_param_group_index_map[model_param]
+        own = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]].get("step")
+        if own is not None and "step" not in tensors:
+            tensors = {**tensors, "step": own}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+
+
+def _sharded_state(model, optimizer, is_loading: bool, optimizer_format: str) -> dict:
     model_state = model.sharded_state_dict()
     state = {"model": model_state}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+        _start_adam_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
     return state
 
 
-def save_checkpoint(root, step: int, model, optimizer=None, scheduler=None, trainer_state: Optional[dict] = None) -> Path:
+def _layout() -> dict:
+    from megatron.core import parallel_state
+
+    return {"tensor": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline": parallel_state.get_pipeline_model_parallel_world_size()}
+
+
+def save_checkpoint(root, step: int, model, optimizer=None, scheduler=None, trainer_state: Optional[dict] = None,
+                    optimizer_format: str = "dp_reshardable") -> Path:
     """Collective: every rank calls it. ``model`` is the bare GPTModel (``ddp.module``);
-    ``trainer_state`` is JSON data saved beside (for example the data position)."""
+    ``trainer_state`` is JSON data saved beside (for example the data position);
+    ``optimizer_format``: see OPTIMIZER_FORMATS."""
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise ValueError(f"checkpoint.optimizer_format={optimizer_format!r}; expected one of {OPTIMIZER_FORMATS}")
     root = Path(root)
     final = root / f"step_{step:08d}"
     partial = root / f".incomplete_{final.name}"
@@ -66,12 +150,13 @@ def save_checkpoint(root, step: int, model, optimizer=None, scheduler=None, trai
             shutil.rmtree(partial)  # left by a save that was killed
         partial.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), str(partial))
+    dist_checkpointing.save(_sharded_state(model, optimizer, False, optimizer_format), str(partial))
     torch.save({"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()},
                partial / f"rng_rank{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        meta = {"step": step, "world_size": dist.get_world_size(), "trainer": trainer_state or {}}
+        meta = {"step": step, "world_size": dist.get_world_size(), "layout": _layout(),
+                "optimizer_format": optimizer_format, "trainer": trainer_state or {}}
         if scheduler is not None:
             meta["scheduler"] = scheduler.state_dict()
         _write_atomic(partial / TRAINER_STATE, json.dumps(meta, indent=1))
@@ -179,14 +264,26 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
     path = Path(path)
     meta = checkpoint_metadata(path)
     check_safe_to_load(path)
+    optimizer_format = meta.get("optimizer_format", "dp_reshardable")
+    saved, now = meta.get("layout"), _layout()
+    if optimizer is not None and optimizer_format == "dp_reshardable" and saved and saved != now:
+        raise ValueError(
+            f"{path}: its optimizer state was saved at tensor {saved['tensor']} x pipeline {saved['pipeline']} "
+            f"(checkpoint.optimizer_format=dp_reshardable), which loads at any data-parallel size but at that layout "
+            f"only; this run is tensor {now['tensor']} x pipeline {now['pipeline']}. Resume at the saved layout (and "
+            "set checkpoint.optimizer_format=fully_reshardable there to change it at the next checkpoint), or load "
+            "the weights alone as student.checkpoint in a new checkpoint.dir")
     try:
-        loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path))
+        loaded = dist_checkpointing.load(_sharded_state(model, optimizer, True, optimizer_format), str(path))
     except (Exception, CheckpointException) as e:  # truncated or missing shards (CheckpointException is a BaseException)
         cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
         raise _unreadable(path, cause) from e
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # the distributed optimizer copies into its (leaf) main params in place: no autograd
+        with torch.no_grad(), _steps_kept_while_loading():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer, loaded["optimizer"])
     if scheduler is not None and "scheduler" in meta:
         scheduler.load_state_dict(meta["scheduler"])
     rng_file = path / f"rng_rank{dist.get_rank():05d}.pt"

@@ -3,6 +3,7 @@ for optional TransformerEngine."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 from dataclasses import dataclass
 
@@ -19,10 +20,39 @@ except Exception:  # ImportError, or TE failing to load its CUDA libraries
     HAVE_TE = False
 
 
-def gpt_layer_spec(qk_layernorm: bool = False):
-    """TransformerEngine layers when available, Megatron's local layers otherwise."""
-    spec = get_gpt_layer_with_transformer_engine_spec if HAVE_TE else get_gpt_layer_local_spec
-    return spec(qk_layernorm=qk_layernorm)
+class SequenceParallelTorchNorm:
+    """Megatron's torch norm (LayerNorm / RMSNorm) for the local layers, with sequence
+    parallelism too: Megatron's own wrapper refuses it, but a norm over a sequence shard only
+    needs its weights' gradients summed over the tensor-parallel group, which
+    ``finalize_model_grads`` does for parameters marked ``sequence_parallel`` (as
+    TransformerEngine's norms are marked)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        plain = copy.copy(config)
+        plain.sequence_parallel = False  # the wrapper's assert; the norm itself is the same
+        norm = WrappedTorchNorm(plain, hidden_size, eps, **kwargs)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def gpt_decoder_spec(config, qk_layernorm: bool = False):
+    """The decoder of this rank's pipeline stage: TransformerEngine layers when available,
+    Megatron's local layers otherwise, their norms SequenceParallelTorchNorm."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    if HAVE_TE:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    layer = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm)
+    parts = layer.submodules
+    parts.input_layernorm = parts.pre_mlp_layernorm = SequenceParallelTorchNorm
+    attention = parts.self_attention.submodules
+    if qk_layernorm:
+        attention.q_layernorm = attention.k_layernorm = SequenceParallelTorchNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+                                      layer_norm=SequenceParallelTorchNorm)
 
 
 @dataclass
@@ -167,6 +197,20 @@ def _controller_keeping_end_token():
     return Controller
 
 
+def drop_inference_buffers() -> None:
+    """Forget the tensors that Megatron's global memory buffer allocated while an engine
+    generated: both engines run under ``torch.inference_mode``, and a tensor made there cannot
+    be written in place by a training forward later (sequence parallelism all-gathers into
+    this buffer), which would fail with "Inplace update to inference tensor outside
+    InferenceMode". The buffer allocates them again on demand."""
+    from megatron.core import parallel_state
+
+    if parallel_state._GLOBAL_MEMORY_BUFFER is not None:
+        buffer = parallel_state._GLOBAL_MEMORY_BUFFER.buffer
+        for key in [k for k, t in buffer.items() if t.is_inference()]:
+            del buffer[key]
+
+
 def run_static(engine, prompts: list, sampling_params) -> list:
     """The static engine on token-id prompts (one batch, one budget): [(generated ids, their
     log-probs)] in prompt order."""
@@ -176,6 +220,7 @@ def run_static(engine, prompts: list, sampling_params) -> list:
                 for i, p in enumerate(prompts)]
     with inference_mode():
         done = {r.request_id: r for r in engine.generate(inference_requests=requests)}
+    drop_inference_buffers()
     out = []
     for request in requests:
         r = done[request.request_id]
@@ -198,6 +243,7 @@ def run_dynamic(engine, prompts: list, sampling_params: list, on_step=None) -> l
                 done[request.request_id] = request
             if on_step is not None:
                 on_step(engine)
+    drop_inference_buffers()
     missing = sorted(set(range(len(prompts))) - set(done))
     if missing:
         raise RuntimeError(f"the dynamic engine returned no result for requests {missing[:10]}")

@@ -66,6 +66,9 @@ class ModelConfig:
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
+    # Megatron's sequence parallelism: activations outside the tensor-parallel matmuls (norms,
+    # residuals, dropout) split along the sequence over the TP group (TP > 1 only)
+    sequence_parallel: bool = False
 
     def check(self, world_size: int, model: ModelConfig) -> None:
         """Refuse layouts that cannot work, naming the sizes."""
@@ -83,6 +86,9 @@ class ParallelConfig:
 @dataclass
 class OptimConfig:
     optimizer: str = "adam"  # or "sgd"
+    # Megatron's distributed optimizer: Adam's fp32 state sharded over data-parallel ranks
+    # (Megatron implements it for Adam only: SGD always runs the plain optimizer)
+    distributed_optimizer: bool = True
     lr: float = 5e-6
     min_lr: float = 0.0
     warmup_steps: int = 0

@@ -38,7 +38,9 @@ def run_iteration(student: Student, teacher, student_generator: Generator, teach
     microbatches = to_microbatches(
         rollouts, rollout.micro_batch_size, student_generator.eos_id, pack=rollout.packing,
         row_tokens=rollout.packed_row_tokens(prompts.config.max_prompt_tokens),
-        same_shape=parallel_state.get_pipeline_model_parallel_world_size() > 1)
+        same_shape=parallel_state.get_pipeline_model_parallel_world_size() > 1,
+        multiple_of=parallel_state.get_tensor_model_parallel_world_size() if student.model.config.sequence_parallel
+        else 1)
     if isinstance(objective, DenseKLConfig):
         for mb in microbatches:
             mb.rollout_logprobs = None  # no reward term to correct

@@ -13,7 +13,7 @@ from megatron.core.transformer import TransformerConfig
 
 from ..losses import VocabShard
 from . import cpu
-from .compat import gpt_layer_spec
+from .compat import gpt_decoder_spec
 from .config import ModelConfig, ParallelConfig
 
 
@@ -66,6 +66,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         attention_dropout=0.0,
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,
+        sequence_parallel=parallel.sequence_parallel and parallel.tensor > 1,  # no effect at TP = 1
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -80,9 +81,10 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, frozen: bool = Fa
     """This rank's pipeline stage of the model. ``frozen``: eval mode, no gradients (the
     teacher: it gets no optimizer state either, since only the student is handed to one)."""
     parallel.check(dist.get_world_size(), model)
+    config = transformer_config(model, parallel)
     gpt = GPTModel(
-        transformer_config(model, parallel),
-        gpt_layer_spec(model.qk_layernorm),
+        config,
+        gpt_decoder_spec(config, model.qk_layernorm),
         vocab_size=model.embedding_rows,
         max_sequence_length=model.max_sequence_length,
         position_embedding_type="rope",

@@ -134,9 +134,10 @@ def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConf
         raise ValueError(f"OptimConfig.warmup_steps={optim.warmup_steps} must be below total_steps={total_steps}")
     gpt = build_gpt(model, parallel)
     config = gpt.config
+    distributed = optim.distributed_optimizer and optim.optimizer == "adam"  # CPU and GPU alike
     ddp = DistributedDataParallel(
         config=config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=not cpu.on_cpu()),
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed),
         module=gpt,
     )
     config.no_sync_func = ddp.no_sync
@@ -146,7 +147,7 @@ def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConf
             optimizer=optim.optimizer, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
             adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, clip_grad=optim.clip_grad,
             bf16=model.dtype == "bf16", fp16=model.dtype == "fp16", params_dtype=model.torch_dtype,
-            use_distributed_optimizer=not cpu.on_cpu(),
+            use_distributed_optimizer=distributed,
         ),
         [ddp],
     )
