@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 export OMP_NUM_THREADS := 1
 
-.PHONY: test test-mcore019 demo compare bench install clean
+.PHONY: test test-gpu test-mcore019 demo compare bench install clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,25 @@ $(VENV019)/.installed: setup.py
 test-mcore019: $(VENV019)/.installed
 	$(VENV019)/bin/python -m pytest -q tests/test_megatron_step.py tests/test_generation.py tests/test_rollout.py \
 		tests/test_evaluation.py tests/test_hf_checkpoint.py tests/test_tokenizer.py
+
+# On a machine with a GPU: its own Python with CUDA torch and this project's `megatron` and `dev`
+# extras (pip install -e ".[megatron,dev]"; add TransformerEngine and flash-attn for their tests).
+# The GPU-only tests, then the loss, rollout and step benchmarks at a real size (~10 minutes on
+# one H100 / H200, estimated: not run yet). Prints the device first.
+GPU_PYTHON ?= python3
+GPU_OUT ?= runs/gpu
+test-gpu:
+	@mkdir -p $(GPU_OUT)
+	$(GPU_PYTHON) -c "import torch; assert torch.cuda.is_available(), 'make test-gpu: no CUDA GPU'; \
+		print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
+	$(GPU_PYTHON) -m pytest -q -rs -m gpu tests/test_gpu.py
+	$(GPU_PYTHON) -m torch.distributed.run --nproc-per-node 1 bench/losses.py --tokens 8192 --vocab 131072 \
+		--dtype bf16 --markdown $(GPU_OUT)/losses.md
+	$(GPU_PYTHON) -m torch.distributed.run --nproc-per-node 1 bench/rollout.py --layers 16 --hidden 2048 \
+		--vocab 32000 --dtype bf16 --median 512 --prompt-tokens 512 --concurrency 32 --requests 128 \
+		--markdown $(GPU_OUT)/rollout.md
+	$(GPU_PYTHON) -m torch.distributed.run --nproc-per-node 1 bench/step.py --layers 16 --hidden 2048 \
+		--vocab 32000 --dtype bf16 --median 512 --prompt-tokens 512 --micro-batch 1 --markdown $(GPU_OUT)/step.md
 
 clean:
 	rm -rf $(VENV) $(VENV019) build *.egg-info .pytest_cache

@@ -28,11 +28,11 @@ def llama3_70b_to_8b(root: str = "/checkpoints/tropd") -> RunConfig:
         teacher=ModelSpec(llama3_70b(), checkpoint=f"{root}/Llama-3.3-70B-Instruct"),
         student=ModelSpec(replace(llama3_8b(), recompute="selective"), checkpoint=f"{root}/Llama-3.1-8B-Instruct"),
         data=PromptDataConfig(f"{root}/data/prompts.jsonl", chat_template="tokenizer", max_prompt_tokens=1024),
-        parallel=ParallelConfig(tensor=8),
+        parallel=ParallelConfig(tensor=8, sequence_parallel=True),
         rollout=RolloutConfig(SamplingConfig(max_new_tokens=7168), rollouts_per_prompt=4, micro_batch_size=1,
-                              # every rollout of a rank in flight at once; the KV buffer, not the
-                              # number of requests, bounds concurrency (launch.plan)
-                              engine=EngineConfig(max_requests=128, kv_cache_gib=12),
+                              # a rank's 128 rollouts in flight at once: 16 GiB of KV blocks hold all
+                              # of them at the full 8192 tokens (launch.plan: 55.9 GiB a GPU on 32)
+                              engine=EngineConfig(max_requests=128, kv_cache_gib=16),
                               prefix_share_start=0.5, prefix_tokens_start=256),
         optim=OptimConfig(lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.01, spike_factor=10.0),
         schedule=ScheduleConfig(steps=200, prompts_per_step=128),

@@ -23,11 +23,12 @@ def qwen3_8b_to_1p7b(root: str = "/checkpoints/tropd") -> RunConfig:
         teacher=ModelSpec(qwen3_8b(), checkpoint=f"{root}/Qwen3-8B"),
         student=ModelSpec(replace(qwen3_1p7b(), recompute="selective"), checkpoint=f"{root}/Qwen3-1.7B"),
         data=PromptDataConfig(f"{root}/data/math_prompts.jsonl", chat_template="tokenizer", max_prompt_tokens=1024),
-        parallel=ParallelConfig(tensor=2),
+        parallel=ParallelConfig(tensor=2, sequence_parallel=True),
         rollout=RolloutConfig(SamplingConfig(max_new_tokens=8192), rollouts_per_prompt=4, micro_batch_size=1,
-                              # every rollout of a rank in flight at once; the KV buffer, not the
-                              # number of requests, bounds concurrency (launch.plan)
-                              engine=EngineConfig(max_requests=128, kv_cache_gib=16),
+                              # up to a rank's 128 rollouts at once: 24 GiB of KV blocks hold ~449k
+                              # tokens (128 of 3.5k, or 48 of the full 9216; the rest wait), what fits
+                              # beside the rest (launch.plan: 67.3 GiB a GPU on 8)
+                              engine=EngineConfig(max_requests=128, kv_cache_gib=24),
                               prefix_share_start=0.5, prefix_tokens_start=256),
         optim=OptimConfig(lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.01, spike_factor=10.0),
         schedule=ScheduleConfig(steps=200, prompts_per_step=128),

@@ -34,12 +34,14 @@ def _to_numpy(obj):
     return obj
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, fn, args, queue, backend):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )
         result = fn(rank, world_size, *args)
         dist.barrier()
@@ -51,13 +53,15 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_workers(fn, world_size: int, *args, timeout: float = 90.0):
+def run_workers(fn, world_size: int, *args, timeout: float = 90.0, backend: str = "gloo"):
     """fn(rank, world_size, *args) on each rank; returns the per-rank results (tensors come
-    back as numpy arrays). Raises with every rank's traceback on error or timeout."""
+    back as numpy arrays). Raises with every rank's traceback on error or timeout. ``nccl``:
+    one GPU a rank (the parent must not have initialised CUDA: the workers are forked)."""
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, backend))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     results, errors = {}, []

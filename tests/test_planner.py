@@ -118,6 +118,23 @@ def test_recompute_orders_activations():
     assert sizes["selective"] == 32 * sbh * (10 + 24 / 8) * 1  # bf16: the paper's constants as bytes
 
 
+def test_sequence_parallelism_splits_the_replicated_activations():
+    """Korthikanti et al. Table 2: with SP the 10sbh kept per layer outside the TP matmuls is
+    split over t as well (selective recompute: 34 sbh / t; full: 2 sbh / t per layer plus one
+    layer rebuilt at "none", whose 10 sbh is split too)."""
+    sbh, layers = 8192 * 4096, 32
+    scores = 5 * 32 * 8192 / (4096 * 8)  # 5as / (ht) = 40
+    kw = dict(sequence=8192, micro_batch=1, tensor=8, pipeline=1, microbatches=4)
+    expected = {("selective", False): layers * (10 + 3), ("selective", True): layers * 34 / 8,
+                ("full", False): layers * 2 + (10 + 3 + scores), ("full", True): layers * 2 / 8 + (10 / 8 + 3 + scores)}
+    for (recompute, sp), per_sbh in expected.items():
+        model = dataclasses.replace(llama3_8b(), recompute=recompute)
+        assert activation_bytes(model, **kw, sequence_parallel=sp) == int(sbh * per_sbh), (recompute, sp)
+    plans = {sp: plan(get_recipe("llama3_70b_to_8b", [f"parallel.sequence_parallel={sp}"]), 32) for sp in (False, True)}
+    act = {sp: next(v for k, v in p.items.items() if k.startswith("student activations")) for sp, p in plans.items()}
+    assert act[True] < act[False] / 2
+
+
 def test_teacher_kv_cache_only_with_prefix_guidance():
     guided = plan(get_recipe("qwen3_8b_to_1p7b"), 8)
     unguided = plan(get_recipe("qwen3_8b_to_1p7b", ["rollout.prefix_share_start=0"]), 8)
@@ -145,11 +162,15 @@ def test_llama3_70b_recipe_layouts():
             check_fits(get_recipe("llama3_70b_to_8b", overrides), 16)
 
 
-def test_cpu_has_no_limit_and_no_sharded_optimizer():
+def test_cpu_has_no_limit():
     memory = plan(get_recipe("tiny"))
     assert memory.capacity is None and memory.fits and memory.gpus == 2 and memory.data_parallel == 1
     assert "CUDA context, NCCL, workspaces" not in memory.items
     assert "no limit" in memory.format()
+    # the distributed optimizer shards over data parallel on CPU too; SGD's plain one does not
+    assert "student optimizer (adam, 1/2 shard)" in plan(get_recipe("tiny", ["parallel.tensor=1"]), 2).items
+    assert "student optimizer (sgd, 1/1 shard)" in plan(get_recipe("tiny", ["parallel.tensor=1", "optim.optimizer=sgd"]),
+                                                          2).items
 
 
 @pytest.mark.parametrize("overrides, gpus, message", [

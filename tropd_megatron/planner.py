@@ -4,7 +4,8 @@ Pure arithmetic on a RunConfig (no torch, no Megatron): bytes per GPU for each t
 holds at its peak, the student's backward pass, when everything below is alive at once.
 
 - student weights: model dtype; gradients: fp32 (the DDP buffer reduces in fp32); optimizer:
-  Megatron's distributed optimizer, fp32 main params + state sharded over data parallel.
+  Megatron's distributed optimizer (Adam; ``optim.distributed_optimizer``), fp32 main params +
+  state sharded over data parallel; SGD's plain optimizer unsharded.
 - teacher weights: model dtype, no gradients, no optimizer.
 - student activations for one micro-batch of ``micro_batch_size`` rows of the row length
   (packed: ``rollout.row_tokens``, by default the longest possible rollout; padded: the
@@ -117,17 +118,18 @@ def optimizer_bytes_per_parameter(dtype: str, optimizer: str) -> int:
 
 
 def activation_bytes(model: ModelConfig, *, sequence: int, micro_batch: int, tensor: int, pipeline: int,
-                     microbatches: int) -> int:
+                     microbatches: int, sequence_parallel: bool = False) -> int:
     """Activations the first pipeline stage stores for the backward pass, in bytes.
 
     Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
-    Models", Table 2, tensor parallel without sequence parallelism (the trainer does not
-    enable it, so the 10sbh of norm inputs, residuals and masks stays replicated), per layer
-    with s = sequence, b = micro_batch, h = hidden, a = heads, t = tensor:
+    Models", Table 2, per layer with s = sequence, b = micro_batch, h = hidden, a = heads,
+    t = tensor. Tensor parallelism alone leaves the 10sbh of norm inputs, residuals and
+    masks replicated; sequence parallelism splits them over t too:
 
-    - recompute none:      s*b*h*(10 + 24/t + 5*a*s/(h*t))   (includes the s x s attention scores)
-    - recompute selective: s*b*h*(10 + 24/t)                 (attention core recomputed)
-    - recompute full:      2*s*b*h (each layer's input) + one layer at "none", rebuilt in backward
+    - recompute none:      s*b*h*(10 + 24/t + 5*a*s/(h*t)),  with SP s*b*h*(34/t + 5*a*s/(h*t))
+    - recompute selective: s*b*h*(10 + 24/t),                with SP s*b*h*34/t
+    - recompute full:      2*s*b*h (each layer's input; with SP 2*s*b*h/t) + one layer at
+      "none", rebuilt in backward
 
     The constants count 16-bit activations; fp32 models double them. Under 1F1B the first
     stage holds min(pipeline, microbatches) micro-batches of its num_layers/pipeline layers.
@@ -136,9 +138,11 @@ def activation_bytes(model: ModelConfig, *, sequence: int, micro_batch: int, ten
     """
     s, b, h, a, t = sequence, micro_batch, model.hidden_size, model.num_attention_heads, tensor
     scale = DTYPE_BYTES[model.dtype] / 2
-    full_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) * scale
-    kept_per_layer = {"none": full_layer, "selective": s * b * h * (10 + 24 / t) * scale,
-                      "full": 2 * s * b * h * scale}[model.recompute]
+    replicated = 10 / t if sequence_parallel else 10  # norm inputs, residuals, dropout masks
+    scores = 5 * a * s / (h * t)
+    full_layer = s * b * h * (replicated + 24 / t + scores) * scale
+    kept_per_layer = {"none": full_layer, "selective": s * b * h * (replicated + 24 / t) * scale,
+                      "full": 2 * s * b * h * scale / (t if sequence_parallel else 1)}[model.recompute]
     stored = model.num_layers // pipeline * min(pipeline, microbatches) * kept_per_layer
     return int(stored + (full_layer if model.recompute == "full" else 0))
 
@@ -260,8 +264,10 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
                 else config.data.max_prompt_tokens + rollout.sampling.max_new_tokens - 1)
     tokens_per_step = microbatches * rollout.micro_batch_size * sequence  # the worst case: a rollout a row
     student_params = stage_parameters(student, tp, pp)
-    # the distributed optimizer (GPU only: the trainer uses the plain one on CPU) shards its state
-    optimizer_shards = dp if on_gpu else 1
+    sequence_parallel = config.parallel.sequence_parallel and tp > 1
+    # the distributed optimizer (Adam) shards its state over data parallel
+    distributed = config.optim.distributed_optimizer and config.optim.optimizer == "adam"
+    optimizer_shards = dp if distributed else 1
 
     items = {
         f"student weights ({student.dtype})": student_params * DTYPE_BYTES[student.dtype],
@@ -270,9 +276,9 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
             _ceil_div(student_params * optimizer_bytes_per_parameter(student.dtype, config.optim.optimizer),
                       optimizer_shards),
         f"teacher weights ({teacher.dtype})": stage_parameters(teacher, tp, pp) * DTYPE_BYTES[teacher.dtype],
-        f"student activations (recompute {student.recompute})": activation_bytes(
+        f"student activations (recompute {student.recompute}{', SP' if sequence_parallel else ''})": activation_bytes(
             student, sequence=sequence, micro_batch=rollout.micro_batch_size, tensor=tp, pipeline=pp,
-            microbatches=microbatches),
+            microbatches=microbatches, sequence_parallel=sequence_parallel),
         # fp32 logits shard for the softmax and its gradient
         "student logits (fp32, x2)": rollout.micro_batch_size * sequence * student.embedding_rows // tp * 4 * 2,
     }

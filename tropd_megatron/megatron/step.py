@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
@@ -66,6 +66,11 @@ class MicroBatch:
         causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
         return self.tokens, positions, ~(same & causal)[:, None]
 
+    def to(self, device) -> "MicroBatch":
+        """The micro-batch on ``device`` (rollouts are packed on the host)."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def model_shape(self) -> tuple[int, int]:
         """(micro-batch size, sequence length) as the model sees them: the pipeline's p2p shape."""
         B, S = self.tokens.shape
@@ -74,6 +79,12 @@ class MicroBatch:
     def logits_view(self, logits: torch.Tensor) -> torch.Tensor:
         """The model's logits as [B, S, V/TP] (a THD forward returns [1, B x S, V/TP])."""
         return logits.reshape(*self.tokens.shape, logits.shape[-1])
+
+
+def on_device(microbatches: list[MicroBatch]) -> list[MicroBatch]:
+    """The micro-batches on this rank's device (its GPU; the CPU under cpu.py's stand-ins)."""
+    device = torch.cuda.current_device()
+    return [mb.to(device) for mb in microbatches]
 
 
 def segment_positions(segments: torch.Tensor) -> torch.Tensor:
@@ -182,6 +193,7 @@ def teacher_outputs(teacher, microbatches: list[MicroBatch], *, topk: int, dense
     id) when they differ: the teacher's logits read in the student's ids (swap_token_logits)."""
     outputs: list = []
     tp_group = parallel_state.get_tensor_model_parallel_group()
+    microbatches = on_device(microbatches)
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
@@ -239,6 +251,7 @@ def train_step(
     """One optimizer step on ``microbatches``. ``teacher`` may be None with SFTConfig;
     ``end_tokens``: see teacher_outputs."""
     supervised = isinstance(objective, SFTConfig)
+    microbatches = on_device(microbatches)
     t0 = time.perf_counter()
     signals = [None] * len(microbatches) if supervised else teacher_outputs(
         teacher, microbatches, topk=objective.signal_topk, dense=dense, vocab_size=vocab_size, end_tokens=end_tokens)
