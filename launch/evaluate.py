@@ -10,6 +10,7 @@ chat template (``data.*`` settings, e.g. ``data.prompt_field=problem``). Prints 
 the results file holds every sample with its extracted answer and verdict.
 """
 import json
+import os
 import sys
 from dataclasses import replace
 
@@ -32,10 +33,12 @@ def main(argv=None) -> None:
 
     from tropd_megatron.evaluation.benchmark import evaluate, load_problems
     from tropd_megatron.megatron import build_gpt, initialize
+    from tropd_megatron.validate import validate
     from tropd_megatron.megatron.inference import Generator
     from tropd_megatron.tokenizer import load_tokenizer, prompt_encoder
     from tropd_megatron.train import load_weights, run_models, trained_student
 
+    validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     initialize(cfg.parallel, seed=cfg.schedule.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
     student_model, _ = run_models(cfg)

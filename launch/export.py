@@ -10,6 +10,7 @@ config.json is written from ``student.model`` and the tokenizer files are copied
 ``tokenizer`` is a Hugging Face folder. Run it at any TP / PP layout (the recipe's, or
 ``parallel.tensor=1`` on one process); the folder appears complete or not at all.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -28,9 +29,11 @@ def main(argv=None) -> None:
     args, cfg = parse_recipe_args(parser, argv)
 
     from tropd_megatron.megatron import build_gpt, initialize
+    from tropd_megatron.validate import validate
     from tropd_megatron.megatron.hf_checkpoint import export_hf, is_hf_folder
     from tropd_megatron.train import load_weights, run_models, trained_student
 
+    validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     initialize(cfg.parallel, seed=cfg.schedule.seed)
     student_model, _ = run_models(cfg)
     model = build_gpt(student_model, cfg.parallel, frozen=True)

@@ -49,9 +49,9 @@ def validate(args: argparse.Namespace):
         args.gpus_per_node = 0 if config.gpu == "cpu" else GPU_DEFAULT
     if args.nproc_per_node is None:
         args.nproc_per_node = args.gpus_per_node or config.parallel.tensor * config.parallel.pipeline
-    world = args.nodes * args.nproc_per_node
-    for spec in (config.teacher, config.student):
-        config.parallel.check(world, spec.model)
+    from tropd_megatron.validate import validate
+
+    validate(config, args.nodes * args.nproc_per_node)
     return config
 
 

@@ -26,12 +26,16 @@ def main(argv=None) -> None:
 
         print(to_yaml(config))
         return
-    from tropd_megatron.train import train
+    from tropd_megatron.validate import validate
 
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    validate(config, world)  # before anything is imported, loaded or built
     if config.gpu != "cpu":  # refuse a layout that cannot fit before loading 100 GB of weights
         from launch.plan import check_fits
 
-        check_fits(config, int(os.environ.get("WORLD_SIZE", 1)))
+        check_fits(config, world)
+    from tropd_megatron.train import train
+
     train(config)
 
 

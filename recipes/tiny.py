@@ -24,7 +24,7 @@ def tiny(root: str = "runs/demo") -> RunConfig:
         tokenizer=f"{root}/tokenizer.model",
         teacher=ModelSpec(tiny_model(4, 128), checkpoint=f"{root}/teacher"),
         student=ModelSpec(tiny_model(2, 64), checkpoint=f"{root}/student_init"),
-        data=PromptDataConfig(f"{root}/prompts.jsonl", chat_template=TEMPLATE, max_prompt_tokens=32),
+        data=PromptDataConfig(f"{root}/prompts.jsonl", chat_template=TEMPLATE, max_prompt_tokens=24),  # + 40 new: 64
         parallel=ParallelConfig(tensor=2),
         rollout=RolloutConfig(SamplingConfig(max_new_tokens=40), engine=EngineConfig(kv_cache_gib=0.125),
                               rollouts_per_prompt=4, micro_batch_size=32),

@@ -59,7 +59,8 @@ def items(config, gpus):
 
 
 def test_tensor_parallel_halves_every_model_shard():
-    static = ["rollout.engine.name=static"]  # the dynamic engine's buffer is a size per GPU, whatever the layout
+    # the dynamic engine's buffer is a size per GPU, whatever the layout (the static one takes no SP)
+    static = ["rollout.engine.name=static", "parallel.sequence_parallel=false"]
     tp1 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=1", *static]), 4)
     tp2 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=2", *static]), 8)  # the same data parallel 4
     for name in ("student weights", "student gradients", "student optimizer", "teacher weights", "student logits",
@@ -155,7 +156,7 @@ def test_llama3_70b_recipe_layouts():
     # without recompute the s x s attention scores alone overflow; a static 256-sequence KV cache
     # too, and a dynamic buffer of 60 GiB
     for overrides in (["student.model.recompute=none", "rollout.micro_batch_size=4"],
-                      ["rollout.engine.name=static", "rollout.engine.max_requests=256"],
+                      ["rollout.engine.name=static", "parallel.sequence_parallel=false", "rollout.engine.max_requests=256"],
                       ["rollout.engine.kv_cache_gib=60", "rollout.engine.max_requests=512"]):
         assert not plan(get_recipe("llama3_70b_to_8b", overrides), 16).fits, overrides
         with pytest.raises(ValueError, match="does not fit"):
@@ -175,8 +176,8 @@ def test_cpu_has_no_limit():
 
 @pytest.mark.parametrize("overrides, gpus, message", [
     (["gpu=V100"], None, "unknown gpu 'V100'; known: H100-80GB, H200-141GB, A100-80GB, A100-40GB, cpu"),
-    ([], 12, "world size 12 is not divisible by tensor x pipeline = 8"),
-    (["schedule.prompts_per_step=6"], 32, "prompts_per_step=6 is not divisible by data parallel 4"),
+    ([], 12, "world size 12 is not divisible by parallel.tensor x parallel.pipeline = 8 x 1"),
+    (["schedule.prompts_per_step=6"], 32, "schedule.prompts_per_step=6 is not divisible by the data-parallel size 4"),
 ])
 def test_impossible_layouts_are_refused(overrides, gpus, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -184,8 +185,8 @@ def test_impossible_layouts_are_refused(overrides, gpus, message):
 
 
 def test_format_shows_layout_counts_and_verdict():
-    text = plan(get_recipe("llama3_70b_to_8b", ["rollout.engine.name=static", "rollout.engine.max_requests=256"]),
-                16).format()
+    text = plan(get_recipe("llama3_70b_to_8b", ["rollout.engine.name=static", "parallel.sequence_parallel=false",
+                                                 "rollout.engine.max_requests=256"]), 16).format()
     assert "16 x H100-80GB: tensor 8 x pipeline 1 x data 2" in text
     assert "teacher 70.55B parameters, student 8.03B" in text
     assert "teacher KV cache (static, 256 requests)" in text and "does not fit:" in text

@@ -249,13 +249,11 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
     if gpus < 1:
         raise ValueError(f"gpus={gpus}; must be >= 1")
     capacity = gpu_capacity(config.gpu)
-    for spec in (config.teacher, config.student):
-        config.parallel.check(gpus, spec.model)
+    from .validate import validate  # (validate plans KV buffers with this module)
+
+    validate(config, gpus)
     dp = gpus // (tp * pp)
     prompts = config.schedule.prompts_per_step
-    if prompts % dp:
-        raise ValueError(f"schedule.prompts_per_step={prompts} is not divisible by data parallel {dp} "
-                         f"({gpus} GPUs / tensor {tp} x pipeline {pp})")
     teacher, student, rollout = config.teacher.model, config.student.model, config.rollout
     on_gpu = capacity is not None
     rollouts = prompts * rollout.rollouts_per_prompt // dp

@@ -35,6 +35,7 @@ from .megatron.iteration import run_iteration
 from .megatron.step import any_rank
 from .planner import request_lengths
 from .run_config import RunConfig, flatten, resume_conflicts, to_yaml
+from .validate import validate
 from .tokenizer import check_same_vocabulary, check_tokenizer, load_tokenizer, prompt_encoder
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; run again to resume
@@ -157,6 +158,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         initialize(cfg.parallel, seed=cfg.schedule.seed)
+        validate(cfg, dist.get_world_size())  # before any file is read or model built
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         check_tokenizer(cfg, self.tokenizer)
         teacher_tokenizer = self.tokenizer

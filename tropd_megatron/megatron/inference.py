@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import RunError
-from ..planner import kv_cache_bytes, kv_token_bytes
+from ..planner import kv_cache_bytes
+from ..validate import kv_buffer_problem
 from ..seeds import stream_seed
 from .compat import EngineSpec, dynamic_engine, kv_bytes_in_use, reseed_sampling, run_dynamic, run_static, static_engine
 from .config import ModelConfig
@@ -191,9 +192,11 @@ class Generator:
                 gib = engine.kv_cache_free_fraction * torch.cuda.mem_get_info()[0] / 2**30
             layout = dict(tensor=parallel_state.get_tensor_model_parallel_world_size(),
                           pipeline=parallel_state.get_pipeline_model_parallel_world_size())
+            message = kv_buffer_problem(config, engine, layout["tensor"], layout["pipeline"], self.max_request_tokens, gib)
+            if message:
+                raise ValueError(f"{self.name}: {message}")
             spec.kv_cache_gib = kv_cache_bytes(config, engine, request_tokens=self.max_request_tokens, buffer_gib=gib,
                                                **layout) / 2**30
-            check_kv_cache_holds_a_sequence(spec, kv_token_bytes(config, **layout) * engine.block_size_tokens, self.name)
         return spec
 
     def _build(self):
@@ -260,14 +263,3 @@ class Generator:
         memory = self._controller.inference_wrapped_model.inference_context.key_value_memory_dict
         stats.kv_bytes = sum(t.numel() * t.element_size() for pair in memory.values() for t in pair)
         return outs
-
-
-def check_kv_cache_holds_a_sequence(spec: EngineSpec, block: int, name: str) -> None:
-    """A dynamic KV buffer too small for one request of the longest length would never finish it."""
-    blocks = int(spec.kv_cache_gib * 2**30) // block - 1  # one block is the engine's dummy
-    needed = -(-spec.max_sequence_length // spec.block_size_tokens)
-    if blocks < needed:
-        raise ValueError(
-            f"{name}: rollout.engine.kv_cache_gib={spec.kv_cache_gib:.4g} holds {max(blocks, 0)} KV blocks of "
-            f"{spec.block_size_tokens} tokens ({block / 2**20:.3g} MiB each); one request of {spec.max_sequence_length} "
-            f"tokens needs {needed}: raise it to at least {(needed + 1) * block / 2**30:.3g}")

@@ -1,0 +1,70 @@
+"""``validate`` finds every cross-setting problem of a run before anything is built, each
+message naming the keys and values; every launcher calls it first."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from recipes import get_recipe
+from tropd_megatron.validate import problems, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("recipe, world", [("tiny", 2), ("llama3_70b_to_8b", 32), ("llama3_70b_to_8b", 16),
+                                           ("qwen3_8b_to_1p7b", 8)])
+def test_the_recipes_as_shipped_pass(recipe, world):
+    assert problems(get_recipe(recipe), world) == []
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    ([], 3, "world size 3 is not divisible by parallel.tensor x parallel.pipeline = 2 x 1"),
+    (["schedule.prompts_per_step=3"], 4, "schedule.prompts_per_step=3 is not divisible by the data-parallel size 2 "
+                                         "(world size 4 / tensor 2 x pipeline 1)"),
+    (["parallel.tensor=8"], 8, "student.model: tensor parallel size 8 does not divide num_attention_heads=4"),
+    (["teacher.model.vocab_size=41"], 2, "teacher.model.vocab_size=41 and student.model.vocab_size=40 differ"),
+    (["optim.warmup_steps=200"], 2, "optim.warmup_steps=200 must be below schedule.steps=200"),
+    (["optim.spike_factor=10", "student.model.dtype=fp16"], 2, "optim.spike_factor is not supported with "
+                                                               "student.model.dtype=fp16"),
+    (["data.max_prompt_tokens=30"], 2,
+     "data.max_prompt_tokens=30 + rollout.sampling.max_new_tokens=40 = 70 exceeds student.model.max_sequence_length=64"),
+    (["teacher.model.max_sequence_length=60"], 2, "= 64 exceeds teacher.model.max_sequence_length=60"),
+    (["eval.max_new_tokens=48"], 2, "data.max_prompt_tokens=24 + eval.max_new_tokens=48 exceeds "
+                                    "student.model.max_sequence_length=64"),
+    (["rollout.row_tokens=50"], 2, "rollout.row_tokens=50 cannot hold a rollout of data.max_prompt_tokens + "
+                                   "rollout.sampling.max_new_tokens - 1 = 63 tokens"),
+    (["rollout.sampling.top_k=5", "rollout.sampling.top_p=0.9"], 2, "rollout.sampling.top_k=5 and top_p=0.9"),
+    (["rollout.engine.name=static", "parallel.sequence_parallel=true"], 2,
+     "rollout.engine.name=static does not support parallel.sequence_parallel"),
+    (["rollout.engine.kv_cache_gib=0.0001"], 2, "student: rollout.engine.kv_cache_gib=0.0001 holds 0 KV blocks of 256 "
+                                                "tokens (0.125 MiB each); one request of 64 tokens needs 1"),
+])
+def test_each_problem_is_named(overrides, world, message):
+    cfg = get_recipe("tiny", overrides)
+    found = problems(cfg, world)
+    assert any(message in p for p in found), found
+    with pytest.raises(ValueError, match="the configuration cannot run"):
+        validate(cfg, world)
+
+
+def test_every_problem_is_listed_at_once():
+    found = problems(get_recipe("tiny", ["optim.warmup_steps=500", "rollout.sampling.top_k=5",
+                                         "rollout.sampling.top_p=0.5"]), 3)
+    assert len(found) == 3, found
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("launcher", ["launch.train", "launch.evaluate", "launch.export"])
+def test_launchers_refuse_before_loading_anything(tmp_path, launcher):
+    """The files named do not exist: a launcher that loaded anything first would fail on them
+    instead of naming the configuration problem."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "1", "OMP_NUM_THREADS": "1"}
+    extra = {"launch.train": [], "launch.evaluate": ["--problems", "/nonexistent.jsonl"],
+             "launch.export": ["--out", str(tmp_path / "out")]}[launcher]
+    out = subprocess.run([sys.executable, "-m", launcher, "--recipe", "tiny", *extra, "tokenizer=/nonexistent.model",
+                          "optim.warmup_steps=300"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "world size 3 is not divisible by parallel.tensor x parallel.pipeline = 2 x 1" in out.stderr
+    assert "optim.warmup_steps=300 must be below schedule.steps=200" in out.stderr

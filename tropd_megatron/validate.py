@@ -1,0 +1,95 @@
+"""The whole run's configuration checked against its world size before anything is built.
+
+Each dataclass checks its own fields when it is made; ``validate`` checks what spans several
+of them (a 70B teacher takes minutes to load: a mistake found after that costs a launch).
+Every launcher calls it first (``launch.train``, the Slurm script through it, ``launch.nemo``,
+``launch.plan``, ``launch.evaluate``, ``launch.export``) and so does the trainer. Pure
+arithmetic on the configuration: no torch, no Megatron.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .planner import kv_cache_bytes, kv_token_bytes, request_lengths
+
+if TYPE_CHECKING:
+    from .run_config import RunConfig
+
+
+def problems(cfg: RunConfig, world_size: int) -> list[str]:
+    """Every cross-setting problem of ``cfg`` on ``world_size`` processes, each naming the keys
+    and values involved (empty: the run can start)."""
+    out = []
+    p, r, s = cfg.parallel, cfg.rollout, cfg.rollout.sampling
+    layout = p.tensor * p.pipeline
+    if world_size % layout:
+        out.append(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
+                   f"{p.tensor} x {p.pipeline}")
+    else:
+        dp = world_size // layout
+        if cfg.schedule.prompts_per_step % dp:
+            out.append(f"schedule.prompts_per_step={cfg.schedule.prompts_per_step} is not divisible by the "
+                       f"data-parallel size {dp} (world size {world_size} / tensor {p.tensor} x pipeline {p.pipeline})")
+    shapes_divide = True
+    for what in ("teacher", "student"):
+        try:
+            p.check(layout, getattr(cfg, what).model)
+        except ValueError as e:
+            out.append(f"{what}.model: {e}")
+            shapes_divide = False
+    student, teacher = cfg.student.model, cfg.teacher.model
+    if student.vocab_size != teacher.vocab_size:
+        out.append(f"teacher.model.vocab_size={teacher.vocab_size} and student.model.vocab_size={student.vocab_size} "
+                   "differ: teacher and student must share one tokenizer's vocabulary")
+    if cfg.optim.warmup_steps and cfg.optim.warmup_steps >= cfg.schedule.steps:
+        out.append(f"optim.warmup_steps={cfg.optim.warmup_steps} must be below schedule.steps={cfg.schedule.steps}")
+    if cfg.optim.spike_factor and student.dtype == "fp16":
+        out.append("optim.spike_factor is not supported with student.model.dtype=fp16 (its loss scaler would "
+                   "count every guarded step twice): use bf16, or optim.spike_factor=0")
+    prompt = cfg.data.max_prompt_tokens
+    longest = prompt + s.max_new_tokens
+    for what, model in (("student", student), ("teacher", teacher)):  # the teacher scores whole rollouts
+        if longest > model.max_sequence_length:
+            out.append(f"data.max_prompt_tokens={prompt} + rollout.sampling.max_new_tokens={s.max_new_tokens} = "
+                       f"{longest} exceeds {what}.model.max_sequence_length={model.max_sequence_length}")
+    if cfg.eval.path and prompt + cfg.eval.max_new_tokens > student.max_sequence_length:
+        out.append(f"data.max_prompt_tokens={prompt} + eval.max_new_tokens={cfg.eval.max_new_tokens} exceeds "
+                   f"student.model.max_sequence_length={student.max_sequence_length}")
+    if r.packing and r.row_tokens and r.row_tokens < longest - 1:
+        out.append(f"rollout.row_tokens={r.row_tokens} cannot hold a rollout of data.max_prompt_tokens + "
+                   f"rollout.sampling.max_new_tokens - 1 = {longest - 1} tokens: raise it or set 0 (that length)")
+    if s.top_k > 1 and s.top_p < 1:
+        out.append(f"rollout.sampling.top_k={s.top_k} and top_p={s.top_p}: Megatron's sampler takes one of them")
+    if r.engine.name == "static" and p.sequence_parallel and p.tensor > 1:
+        out.append("rollout.engine.name=static does not support parallel.sequence_parallel (Megatron's static "
+                   "engine allows it for MoE models only): use the dynamic engine, or sequence_parallel=false")
+    if r.engine.name == "dynamic" and not r.engine.kv_cache_free_fraction and shapes_divide:
+        lengths = request_lengths(cfg)
+        guided = max(r.prefix_share_start, r.prefix_share_end) > 0 and max(r.prefix_tokens_start, r.prefix_tokens_end)
+        for what, model in (("student", student), ("teacher", teacher)) if guided else (("student", student),):
+            message = kv_buffer_problem(model, r.engine, p.tensor, p.pipeline, lengths[what])
+            if message:
+                out.append(f"{what}: {message}")
+    return out
+
+
+def kv_buffer_problem(model, engine, tensor: int, pipeline: int, request_tokens: int, gib: float | None = None):
+    """Why a dynamic engine's KV buffer cannot run (too small for one request of the longest
+    length, which would never finish), or None."""
+    block = engine.block_size_tokens * kv_token_bytes(model, tensor=tensor, pipeline=pipeline)
+    held = kv_cache_bytes(model, engine, tensor=tensor, pipeline=pipeline, request_tokens=request_tokens,
+                          buffer_gib=gib)
+    needed = -(-request_tokens // engine.block_size_tokens)
+    if held // block - 1 >= needed:  # one block is the engine's dummy
+        return None
+    size = engine.kv_cache_gib if gib is None else gib
+    return (f"rollout.engine.kv_cache_gib={size:.4g} holds {max(held // block - 1, 0)} KV blocks of "
+            f"{engine.block_size_tokens} tokens ({block / 2**20:.3g} MiB each); one request of {request_tokens} "
+            f"tokens needs {needed}: raise it to at least {(needed + 1) * block / 2**30:.3g}")
+
+
+def validate(cfg: RunConfig, world_size: int) -> None:
+    """Raise ValueError listing every problem ``problems`` finds."""
+    found = problems(cfg, world_size)
+    if found:
+        raise ValueError("the configuration cannot run:\n  " + "\n  ".join(found))
