@@ -47,7 +47,7 @@ def test_failed_job_is_reported(tmp_path):
 @pytest.mark.timeout(180)
 def test_slurm_dryrun_writes_sbatch_script(tmp_path):
     result = launch_nemo(tmp_path, "--recipe", "llama3_70b_to_8b", "--executor", "slurm", "--nodes", "2",
-                         "--account", "acct", "--partition", "batch", "--dryrun", "schedule.steps=5",
+                         "--account", "acct", "--partition", "batch", "--dryrun", "schedule.steps=50",
                          "optim.lr=1e-6", timeout=150)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     path = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("sbatch script: ")][0]
@@ -55,7 +55,7 @@ def test_slurm_dryrun_writes_sbatch_script(tmp_path):
     script = open(path).read()
     for expected in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=1",
                      "#SBATCH --account=acct", "#SBATCH --partition=batch", "torchrun", "--nnodes 2",
-                     "--nproc-per-node 8", "-m launch.train", "--recipe llama3_70b_to_8b", "schedule.steps=5",
+                     "--nproc-per-node 8", "-m launch.train", "--recipe llama3_70b_to_8b", "schedule.steps=50",
                      "optim.lr=1e-6"):
         assert expected in script, f"{expected!r} not in\n{script}"
 
