@@ -8,11 +8,13 @@ export OMP_NUM_THREADS := 1
 
 .PHONY: test test-gpu test-mcore019 demo compare bench install clean
 
-$(VENV)/.installed: setup.py Makefile
+# constraints.txt pins every other package to the versions the README's figures were measured
+# with (pip freeze of the measuring venv); regenerate it when upgrading on purpose.
+$(VENV)/.installed: setup.py Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[megatron,demo,nemo,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[megatron,demo,nemo,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,13 +26,18 @@ test: install
 bench: install
 	$(VENV)/bin/torchrun --nproc-per-node 2 bench/losses.py $(ARGS)
 
+# The demo's and the comparison's figures depend on float rounding, and CPU kernels round
+# differently by instruction set (AVX-512 / AMX against AVX2 gave other trajectories from the
+# same code and packages): pin every kernel library to AVX2, which every x86-64 server has.
+PINNED_ISA := ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+
 # TrOPD on the built-in arithmetic task at TP = 2 on CPU; outputs in runs/demo (ARGS="--help").
 demo: install
-	$(VENV)/bin/torchrun --nproc-per-node 2 -m launch.demo $(ARGS)
+	$(PINNED_ISA) $(VENV)/bin/torchrun --nproc-per-node 2 -m launch.demo $(ARGS)
 
-# OPD, EOPD, REOPOLD and TrOPD variants on the tiny task, same seeds and budget: docs/compare.md.
+# Every objective at its own tuned learning rate, three seeds, on the tiny task: docs/compare.md.
 compare: install
-	$(VENV)/bin/torchrun --nproc-per-node 2 -m launch.compare $(ARGS)
+	$(PINNED_ISA) nice $(VENV)/bin/torchrun --nproc-per-node 2 -m launch.compare $(ARGS)
 
 # Optional, not in CI: the Megatron tests on megatron-core 0.19 (Python 3.12). No CPU torch wheel
 # for 3.12 is reachable here, so this pulls PyPI's CUDA torch build (~5 GB venv; it runs on CPU).

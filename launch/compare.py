@@ -1,28 +1,41 @@
-"""`make compare`: OPD, EOPD, REOPOLD and TrOPD (each outlier strategy) on the tiny task,
-same seeds and budget, in one torchrun job at TP = 2 on CPU.
+"""`make compare`: every objective at its own tuned learning rate, the paper's ablation chain,
+three seeds each, on the built-in tiny task (TP = 2 on CPU, one torchrun job).
 
-    torchrun --nproc-per-node 2 -m launch.compare [--seeds 0,1] [--variants "OPD,TrOPD fkl"] [key=value ...]
+    torchrun --nproc-per-node 2 -m launch.compare [--variants "OPD,TrOPD fkl"] [--phase sweep] [key=value ...]
 
-Uses the demo's prepared task and models (prepared here when missing). Each run is a
-Trainer on the tiny recipe with its own checkpoint folder under ROOT/compare, so an
-interrupted comparison resumes where it stopped and a finished run is not repeated.
-Writes OUT.md (a table of held-out avg@1 before and after, per seed, mean and spread) and
-OUT.png (accuracy over steps, mean over seeds).
+The protocol (fixed before any result was seen; docs/compare.md states it):
+1. Three disjoint splits of the task: training prompts, a validation set that every choice
+   reads, and the held-out test set that only the final report reads.
+2. For each objective, one run (seed 0) at each learning rate of ``LEARNING_RATES``; the
+   chosen rate is the one with the highest mean validation avg@1 over the last three
+   evaluations (steps 150, 175, 200 of 200); a tie goes to the smaller rate.
+3. At the chosen rate, seeds 0, 1 and 2 (seed 0 is the sweep's run). Reported: test avg@1
+   mean, standard deviation and 95% interval (Student's t, n - 1 degrees of freedom), the final
+   mean response length and stopped fraction (the last 10 steps), and the validation curves.
+A seed sets the data order, the rollouts' sampling and the trust mask.
+
+Each run keeps its checkpoints under ROOT/compare/<run>, and every finished run's results go
+into OUT.json at once, so the comparison resumes where it stopped, across sittings, and a
+finished run is never repeated. Writes OUT.md (tables), OUT.png (curves) and OUT.json.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
+from dataclasses import replace
 
 import torch.distributed as dist
 
 from launch import run_main
 from launch.demo import TASK_HELP, tiny_configs
+from tropd_megatron.evaluation.benchmark import evaluate, load_problems
 from tropd_megatron.megatron import initialize
 from tropd_megatron.tasks.tiny import prepare
-from tropd_megatron.train import Trainer
+from tropd_megatron.train import Trainer, is_logger, read_metrics
 
+# rows, each an objective's overrides of the tiny recipe
 VARIANTS = {
     "OPD": ["objective.name=opd"],
     "EOPD": ["objective.name=eopd"],
@@ -30,73 +43,201 @@ VARIANTS = {
     "TrOPD clip": ["objective.name=tropd", "objective.tropd.outlier=clip"],
     "TrOPD mask": ["objective.name=tropd", "objective.tropd.outlier=mask"],
     "TrOPD fkl": ["objective.name=tropd", "objective.tropd.outlier=fkl"],
+    "TrOPD fkl, deterministic trust": ["objective.name=tropd", "objective.tropd.outlier=fkl",
+                                       "objective.tropd.trust=deterministic"],
+    # teacher-prefix guidance: half of the rollouts start with 6 teacher tokens at step 0,
+    # decaying linearly to none with 2 tokens at the last step (responses are ~18 tokens)
+    "TrOPD fkl + prefix guidance": ["objective.name=tropd", "objective.tropd.outlier=fkl",
+                                    "rollout.prefix_share_start=0.5", "rollout.prefix_share_end=0.0",
+                                    "rollout.prefix_tokens_start=6", "rollout.prefix_tokens_end=2"],
 }
+LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3)  # 30x; min_lr is lr / 10 (cosine decay)
+SEEDS = (0, 1, 2)
+SELECTION_EVALS = 3  # validation evaluations averaged by the selection rule
+# the paper's ablation (Qwen3 1.7B student, math average) and the rows that correspond
+PAPER_ABLATION = [("OPD", "OPD", 46.79), ("+ trust-region mask", "TrOPD mask", 47.72),
+                  ("+ forward-KL outliers", "TrOPD fkl", 49.00),
+                  ("+ teacher-prefix guidance", "TrOPD fkl + prefix guidance", 49.85)]
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # two-sided 95% Student's t by degrees of freedom
 
 
-def run_one(root: str, name: str, seed: int, overrides: list) -> dict:
-    folder = os.path.join(root, "compare", f"{name.lower().replace(' ', '_')}_seed{seed}")
-    cfg, _ = tiny_configs(root, [*VARIANTS[name], f"schedule.seed={seed}", f"data.seed={seed}",
-                                       f"objective.tropd.seed={seed}", f"checkpoint.dir={folder}",
-                                       f"logging.tensorboard_dir={folder}/tensorboard", "logging.log_every=50",
-                                       *overrides])
-    history = Trainer(cfg).run()["history"]["eval"]
-    return {"variant": name, "seed": seed, "steps": cfg.schedule.steps,
-            "problems": history[-1]["problems"], "curve": [(e["step"], e["avg_at_n"]) for e in history]}
+def run_key(variant: str, lr: float, seed: int) -> str:
+    return f"{variant.lower().replace(' ', '_').replace(',', '').replace('+', 'plus')}_lr{lr:g}_seed{seed}"
 
 
-def spread(values: list) -> str:
+def run_one(root: str, variant: str, lr: float, seed: int, overrides: list) -> dict:
+    """Train one run (resuming its checkpoints), evaluate it on the test set; its record."""
+    key = run_key(variant, lr, seed)
+    folder = os.path.join(root, "compare", key)
+    cfg, _ = tiny_configs(root, [*VARIANTS[variant], f"optim.lr={lr}", f"optim.min_lr={lr / 10}",
+                                 f"schedule.seed={seed}", f"data.seed={seed}", f"objective.tropd.seed={seed}",
+                                 f"eval.path={root}/validation.jsonl", f"checkpoint.dir={folder}",
+                                 f"logging.tensorboard_dir={folder}/tensorboard", "logging.log_every=50", *overrides])
+    trainer = Trainer(cfg)
+    history = trainer.run()["history"]["eval"]
+    test = load_problems(replace(cfg.data, path=f"{root}/held_out.jsonl"), trainer.encode)
+    result = evaluate(trainer.student_generator, test, trainer.tokenizer.decode, max_new_tokens=cfg.eval.max_new_tokens,
+                      seed=seed, progress=False, results_path=os.path.join(folder, "test.jsonl"))
+    last = list(read_metrics(folder).values())[-10:] if is_logger() else []
+    return {"key": key, "variant": variant, "lr": lr, "seed": seed, "steps": cfg.schedule.steps,
+            "validation": [(e["step"], e["avg_at_n"]) for e in history], "test": result.avg_at_n,
+            "test_problems": result.problems, "validation_problems": history[-1]["problems"],
+            "response_length": statistics.fmean(m["response_length"] for m in last) if last else None,
+            "stopped_fraction": statistics.fmean(m["stopped_fraction"] for m in last) if last else None}
+
+
+def selection_score(record: dict) -> float:
+    return statistics.fmean(acc for _, acc in record["validation"][-SELECTION_EVALS:])
+
+
+def chosen_lr(runs: dict, variant: str, lrs=LEARNING_RATES) -> float | None:
+    """The protocol's rate for ``variant``, once its whole sweep has run (else None)."""
+    sweep = [runs.get(run_key(variant, lr, SEEDS[0])) for lr in lrs]
+    if any(r is None for r in sweep):
+        return None
+    best = max(selection_score(r) for r in sweep)
+    return min(r["lr"] for r in sweep if selection_score(r) == best)
+
+
+def interval(values: list) -> tuple:
+    """(mean, sd, half-width of the 95% interval); sd and interval need two values."""
     mean = statistics.fmean(values)
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    sd = statistics.stdev(values)
+    return mean, sd, T_95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
 
 
-def report(results: list, out: str, command: str, cfg) -> None:
-    seeds = sorted({r["seed"] for r in results})
-    t, s = cfg.teacher.model, cfg.student.model
+def save(path: str, data: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def report(data: dict, out: str, variants: list, lrs, seeds) -> str:
+    runs = data["runs"]
+    protocol = data["protocol"]
     lines = ["# Objectives compared on the built-in tiny task", "",
-             f"Made by `{command}` (2-process torchrun, TP = 2, CPU). Every run: the same SFT teacher "
-             f"({t.num_layers} layers x {t.hidden_size}) and student ({s.num_layers} layers x {s.hidden_size}), "
-             f"{cfg.schedule.steps} steps of {cfg.schedule.prompts_per_step} prompts x "
-             f"{cfg.rollout.rollouts_per_prompt} rollouts, lr {cfg.optim.lr:g} decaying to {cfg.optim.min_lr:g}, "
-             f"each objective at its defaults (TrOPD top-k {cfg.objective.tropd.topk}). Seeds set the data order, "
-             "sampling and the trust mask. Metric: held-out avg@1 (greedy) on "
-             f"{results[0]['problems']} held-out problems; per-run curves in {os.path.basename(out)}.png "
-             f"and {os.path.basename(out)}.json.", "",
-             "| objective | before | " + " | ".join(f"after, seed {s}" for s in seeds) + " | after, mean ± sd |",
-             "|---|---:|" + "---:|" * (len(seeds) + 1)]
-    variants = list(dict.fromkeys(r["variant"] for r in results))  # run order
-    for name in variants:
-        runs = [r for r in results if r["variant"] == name]
-        after = {r["seed"]: r["curve"][-1][1] for r in runs}
-        lines.append(f"| {name} | {spread([r['curve'][0][1] for r in runs])} | "
-                     + " | ".join(f"{after[s]:.3f}" for s in seeds) + f" | {spread(list(after.values()))} |")
-    with open(out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(out + ".json", "w") as f:
-        json.dump(results, f, indent=1)
+             f"Made by `{protocol['command']}` ({protocol['compute']}).", "",
+             "## Protocol (fixed before any result was seen)", "",
+             f"- Task: multi-step arithmetic; three disjoint splits: {protocol['train_problems']} training prompts, "
+             f"{protocol['validation_problems']} validation problems (every choice reads them), "
+             f"{protocol['test_problems']} test problems (only this report reads them).",
+             f"- Every run: the same SFT teacher ({protocol['teacher']}) and student ({protocol['student']}), "
+             f"{protocol['steps']} steps of {protocol['prompts_per_step']} prompts x {protocol['rollouts']} rollouts, "
+             "cosine decay from lr to lr / 10, each objective at its defaults (TrOPD top-k "
+             f"{protocol['topk']}), greedy avg@1 on validation every {protocol['eval_every']} steps.",
+             f"- Learning rate: a sweep over {', '.join(f'{lr:g}' for lr in lrs)} at seed 0; chosen: the highest mean "
+             f"validation avg@1 over the last {SELECTION_EVALS} evaluations (a tie goes to the smaller rate).",
+             f"- At the chosen rate: seeds {', '.join(map(str, seeds))} (seed 0 is the sweep's run); reported: test "
+             "avg@1 mean, sd and 95% interval (Student's t), the final response length and stopped fraction "
+             "(means over the last 10 steps).",
+             "- Teacher-prefix guidance: half of the rollouts start with 6 teacher tokens at step 0, decaying "
+             "linearly to none (2 tokens) at the last step.", "",
+             "## Learning-rate sweep (seed 0, validation avg@1, mean of the last evaluations; * chosen)", "",
+             "| objective | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    for v in variants:
+        best = chosen_lr(runs, v, lrs)
+        cells = []
+        for lr in lrs:
+            r = runs.get(run_key(v, lr, seeds[0]))
+            cells.append("—" if r is None else f"{selection_score(r):.3f}{' *' if lr == best else ''}")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += ["", "## Test avg@1 at each objective's chosen rate", "",
+              f"Before training the student scores {protocol['student_before_test']:.3f} on the test set and the "
+              f"teacher {protocol['teacher_test']:.3f}.", "",
+              "| objective | lr | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | 95% interval | "
+              "response length | stopped fraction |", "|---|---:|" + "---:|" * (len(seeds) + 4)]
+    summary = {}
+    for v in variants:
+        lr = chosen_lr(runs, v, lrs)
+        done = [runs.get(run_key(v, lr, s)) for s in seeds] if lr is not None else []
+        if not done or any(r is None for r in done):
+            lines.append(f"| {v} | {'—' if lr is None else f'{lr:g}'} | " + " | ".join(
+                "—" if r is None else f"{r['test']:.3f}" for r in (done or [None] * len(seeds))) + " | (incomplete) | | | |")
+            continue
+        mean, sd, half = interval([r["test"] for r in done])
+        summary[v] = (mean, sd, half)
+        lines.append(f"| {v} | {lr:g} | " + " | ".join(f"{r['test']:.3f}" for r in done)
+                     + f" | {mean:.3f} ± {sd:.3f} | [{mean - half:.3f}, {mean + half:.3f}] | "
+                     f"{statistics.fmean(r['response_length'] for r in done):.1f} | "
+                     f"{statistics.fmean(r['stopped_fraction'] for r in done):.2f} |")
+    lines += ["", "## The paper's ablation chain", "",
+              "| step | row | here: test avg@1 (mean ± sd) | paper: math average |", "|---|---|---:|---:|"]
+    for step, row, paper in PAPER_ABLATION:
+        here = f"{summary[row][0]:.3f} ± {summary[row][1]:.3f}" if row in summary else "—"
+        lines.append(f"| {step} | {row} | {here} | {paper:.2f} |")
+    text = "\n".join(lines) + "\n"
+    with open(out + ".md.tmp", "w") as f:
+        f.write(text)
+    os.replace(out + ".md.tmp", out + ".md")
+    plot(runs, variants, lrs, seeds, out + ".png")
+    return text
+
+
+def plot(runs: dict, variants: list, lrs, seeds, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name in variants:
-        curves = [r["curve"] for r in results if r["variant"] == name]
-        steps = [s for s, _ in curves[0]]
-        ax.plot(steps, [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))], marker="o", label=name)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for v in variants:
+        lr = chosen_lr(runs, v, lrs)
+        done = [runs[run_key(v, lr, s)] for s in seeds if lr is not None and run_key(v, lr, s) in runs]
+        if not done:
+            continue
+        steps = [s for s, _ in done[0]["validation"]]
+        mean = [statistics.fmean(r["validation"][i][1] for r in done) for i in range(len(steps))]
+        ax.plot(steps, mean, marker="o", markersize=3, label=f"{v} (lr {lr:g}, {len(done)} seeds)")
     ax.set_xlabel("step")
-    ax.set_ylabel(f"held-out avg@1 (mean of {len(seeds)} seeds)")
-    ax.legend()
+    ax.set_ylabel("validation avg@1 (mean of seeds)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out + ".png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    print("\n".join(lines), flush=True)
+
+
+def before_training(root: str, base) -> dict:
+    """The SFT student's and the teacher's test avg@1 (the report's reference points)."""
+    from tropd_megatron.megatron import build_gpt
+    from tropd_megatron.megatron.inference import Generator
+    from tropd_megatron.tokenizer import load_tokenizer, prompt_encoder
+    from tropd_megatron.train import load_weights, run_models
+
+    tokenizer = load_tokenizer(base.tokenizer)
+    test = load_problems(replace(base.data, path=f"{root}/held_out.jsonl"),
+                         prompt_encoder(tokenizer, base.data.chat_template))
+    budget = base.eval.max_new_tokens
+    scores = {}
+    for what, model_config in zip(("student_before_test", "teacher_test"), run_models(base)):
+        spec = base.student if what.startswith("student") else base.teacher
+        model = build_gpt(model_config, base.parallel, frozen=True)
+        load_weights(spec.checkpoint, model, model_config, what.split("_")[0])
+        generator = Generator(model, model_config, eos_id=tokenizer.eos_id, engine=base.rollout.engine,
+                              max_request_tokens=base.data.max_prompt_tokens + budget)
+        scores[what] = evaluate(generator, test, tokenizer.decode, max_new_tokens=budget, progress=False).avg_at_n
+    return scores
+
+
+def protocol_facts(root: str, base, command: str, trainer_eval: dict) -> dict:
+    t, s = base.teacher.model, base.student.model
+    count = lambda name: sum(1 for line in open(os.path.join(root, name)) if line.strip())  # noqa: E731
+    return {"command": command, "compute": "2-process torchrun, TP = 2, on this project's 2-core CPU machine",
+            "train_problems": count("prompts.jsonl"), "validation_problems": count("validation.jsonl"),
+            "test_problems": count("held_out.jsonl"), "teacher": f"{t.num_layers} layers x {t.hidden_size}",
+            "student": f"{s.num_layers} layers x {s.hidden_size}", "steps": base.schedule.steps,
+            "prompts_per_step": base.schedule.prompts_per_step, "rollouts": base.rollout.rollouts_per_prompt,
+            "topk": base.objective.tropd.topk, "eval_every": base.eval.every, **trainer_eval}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/demo", help="the demo's task files and models")
-    parser.add_argument("--seeds", default="0,1", help="comma-separated (default %(default)s)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: %(default)s")
+    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES), help="the sweep")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="at the chosen rate (first: the sweep's)")
+    parser.add_argument("--phase", choices=("all", "sweep"), default="all", help="sweep: only the learning-rate runs")
     parser.add_argument("--out", default="docs/compare", help="writes OUT.md, OUT.json, OUT.png")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=TASK_HELP + "; for every run")
     args = parser.parse_args(argv)
@@ -105,22 +246,41 @@ def main(argv=None) -> None:
     if unknown:
         parser.exit(2, f"error: unknown variants {unknown}; choose from {', '.join(VARIANTS)}\n")
     try:
-        seeds = [int(s) for s in args.seeds.split(",")]
+        lrs = tuple(float(x) for x in args.lrs.split(","))
+        seeds = tuple(int(x) for x in args.seeds.split(","))
         base, task = tiny_configs(args.root, args.overrides)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     initialize(base.parallel, seed=0)
     prepare(base, task)
-    results = []
-    for seed in seeds:
-        for name in variants:
-            if dist.get_rank() == 0:
-                print(f"== {name}, seed {seed}", file=sys.stderr, flush=True)
-            results.append(run_one(args.root, name, seed, args.overrides))
-    if dist.get_rank() == 0:
+    path = args.out + ".json"
+    data = json.load(open(path)) if os.path.exists(path) else {}
+    data.setdefault("runs", {})
+    if "protocol" not in data:  # the models before training, on the test set (read by the report only)
         given = sys.argv[1:] if argv is None else argv
         command = "make compare" + (f' ARGS="{" ".join(given)}"' if given else "")
-        report(results, args.out, command, base)
+        data["protocol"] = protocol_facts(args.root, base, command, before_training(args.root, base))
+    todo = [(v, lr, seeds[0]) for v in variants for lr in lrs]
+    while True:
+        for v, lr, seed in todo:
+            if run_key(v, lr, seed) in data["runs"]:
+                continue
+            if dist.get_rank() == 0:
+                print(f"== {v}, lr {lr:g}, seed {seed} ({len(data['runs'])} runs done)", file=sys.stderr, flush=True)
+            record = run_one(args.root, v, lr, seed, args.overrides)
+            data["runs"][record["key"]] = record
+            if is_logger():
+                save(path, data)
+        if args.phase == "sweep":
+            break
+        more = [(v, chosen_lr(data["runs"], v, lrs), s) for v in variants for s in seeds[1:]]
+        more = [t for t in more if t[1] is not None and run_key(*t) not in data["runs"]]
+        if not more:
+            break
+        todo = more
+    if is_logger():
+        save(path, data)
+        print(report(data, args.out, variants, lrs, seeds), flush=True)
     dist.barrier()
 
 

@@ -70,3 +70,20 @@ def test_tokenizer_trains_deterministically_and_round_trips(tmp_path):
         assert a.decode(ids + [a.eos_id]) == text and max(ids) < a.vocab_size
     for digit in "0123456789":
         assert len(a.encode(digit)) <= 2 and a.sp.piece_to_id(digit) != a.sp.unk_id()
+
+
+def test_the_tiny_task_has_three_disjoint_splits(tmp_path):
+    """Training prompts, validation (for choices such as learning rates) and the test set."""
+    import json
+    from dataclasses import replace
+
+    from tropd_megatron.tasks.tiny import TinyTaskConfig, training_split, write_task_files
+
+    cfg = replace(TinyTaskConfig(), train_problems=300, eval_problems=50, validation_problems=40)
+    write_task_files(str(tmp_path), cfg, "Q: {prompt} A:", training_split(cfg))
+    splits = {name: [json.loads(line)["prompt"] for line in open(tmp_path / f"{name}.jsonl")]
+              for name in ("prompts", "validation", "held_out")}
+    assert [len(v) for v in splits.values()] == [300, 40, 50]
+    sets = [set(v) for v in splits.values()]
+    assert all(len(s) == len(v) for s, v in zip(sets, splits.values()))
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])

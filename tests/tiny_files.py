@@ -5,7 +5,7 @@ from dataclasses import replace
 from recipes.tiny import TEMPLATE
 from tropd_megatron.tasks.tiny import TinyTaskConfig, training_split, write_task_files
 
-SMALL = replace(TinyTaskConfig(), train_problems=300, eval_problems=8)
+SMALL = replace(TinyTaskConfig(), train_problems=300, eval_problems=8, validation_problems=8)
 
 
 def make_tiny_files(root) -> list[str]:

@@ -169,7 +169,7 @@ class Trainer:
         self.teacher = build_gpt(teacher_model, cfg.parallel, frozen=True)
         load_weights(cfg.teacher.checkpoint, self.teacher, teacher_model, "teacher")
         self.student = build_student(student_model, cfg.parallel, cfg.optim, cfg.schedule.steps)
-        encode = prompt_encoder(self.tokenizer, cfg.data.chat_template)
+        self.encode = encode = prompt_encoder(self.tokenizer, cfg.data.chat_template)  # prompt text -> token ids
         self.prompts = PromptStream(cfg.data, encode)
         self.step, self.history = 0, {"eval": [], "skipped_steps": []}
         resume = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.resume else None

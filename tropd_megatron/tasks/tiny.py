@@ -1,7 +1,8 @@
 """Preparing the built-in tiny task: the files and models that the ``tiny`` recipe names.
 
 Under a root folder: ``prompts.jsonl`` (training prompts with answers), ``held_out.jsonl``
-(evaluation problems, disjoint from training), ``tokenizer.model`` (sentencepiece trained on
+(evaluation problems: the test set), ``validation.jsonl`` (problems for choices such as
+learning rates; the three splits are disjoint), ``tokenizer.model`` (sentencepiece trained on
 the task), and two supervised fine-tuned checkpoints: ``teacher`` (solves the task well) and
 ``student_init`` (a smaller model that knows the format but not the arithmetic). Each is made
 once and reused; a cached model trained with other settings is refused, not silently reused.
@@ -31,7 +32,8 @@ class TinyTaskConfig:
     seed: int = 0
     task: ArithmeticConfig = field(default_factory=lambda: ArithmeticConfig(2, 2, max_operand=9, max_multiplier=5))
     train_problems: int = 3000  # of ~4,400 distinct problems with the default task
-    eval_problems: int = 400
+    eval_problems: int = 400  # held_out.jsonl: the test set
+    validation_problems: int = 200  # validation.jsonl: for choices (make compare), disjoint from both
     vocab_size: int = 64  # requested; sentencepiece stops at 40 on the default task
     sft_batch: int = 64
     sft_lr: float = 3e-3
@@ -49,13 +51,18 @@ def _write_jsonl(path: str, problems: list[Problem]) -> None:
 def write_task_files(root: str, cfg: TinyTaskConfig, template: str, train: list[Problem]) -> None:
     """Write the prompt files and tokenizer under ``root`` unless present (the tokenizer, written
     last, marks a finished preparation); ``train`` is the training split. Call on one process."""
+    seen = frozenset(p.question for p in train)
+    held_out = make_split(cfg.eval_problems, stream_seed(cfg.seed, "held_out_problems"), cfg.task, seen)
     if not os.path.exists(os.path.join(root, "tokenizer.model")):
         os.makedirs(root, exist_ok=True)
-        held_out = make_split(cfg.eval_problems, stream_seed(cfg.seed, "held_out_problems"), cfg.task, frozenset(p.question for p in train))
         _write_jsonl(os.path.join(root, "prompts.jsonl"), train)
         _write_jsonl(os.path.join(root, "held_out.jsonl"), held_out)
         SentencePieceTokenizer.train([f"{template.format(prompt=p.question)} {p.solution}" for p in train],
                                      os.path.join(root, "tokenizer.model"), cfg.vocab_size)
+    if not os.path.exists(os.path.join(root, "validation.jsonl")):  # (preparations made before it existed)
+        validation = make_split(cfg.validation_problems, stream_seed(cfg.seed, "validation_problems"), cfg.task,
+                                seen | frozenset(p.question for p in held_out))
+        _write_jsonl(os.path.join(root, "validation.jsonl"), validation)
 
 
 def training_split(cfg: TinyTaskConfig) -> list[Problem]:
