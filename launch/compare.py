@@ -43,7 +43,7 @@ VARIANTS = {
     "TrOPD clip": ["objective.name=tropd", "objective.tropd.outlier=clip"],
     "TrOPD mask": ["objective.name=tropd", "objective.tropd.outlier=mask"],
     "TrOPD fkl": ["objective.name=tropd", "objective.tropd.outlier=fkl"],
-    "TrOPD fkl, deterministic trust": ["objective.name=tropd", "objective.tropd.outlier=fkl",
+    "TrOPD fkl (deterministic trust)": ["objective.name=tropd", "objective.tropd.outlier=fkl",
                                        "objective.tropd.trust=deterministic"],
     # teacher-prefix guidance: half of the rollouts start with 6 teacher tokens at step 0,
     # decaying linearly to none with 2 tokens at the last step (responses are ~18 tokens)
@@ -62,7 +62,8 @@ T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # two-sided 95% Student's t by
 
 
 def run_key(variant: str, lr: float, seed: int) -> str:
-    return f"{variant.lower().replace(' ', '_').replace(',', '').replace('+', 'plus')}_lr{lr:g}_seed{seed}"
+    name = variant.lower().replace(' ', '_').replace('+', 'plus').replace('(', '').replace(')', '')
+    return f"{name}_lr{lr:g}_seed{seed}"
 
 
 def run_one(root: str, variant: str, lr: float, seed: int, overrides: list) -> dict:
