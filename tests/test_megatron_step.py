@@ -212,12 +212,13 @@ def test_tp2_checkpoint_loads_at_tp1_with_the_same_logits(initial):
 def _killed_save_worker(rank, world, root):
     from tropd_megatron.megatron import checkpoint
 
+    os.setsid()  # a process group of its own: the kill takes its checkpoint writer processes too
     _, student = _setup(1, 1)
     path = os.path.join(root, "killed")
     save_checkpoint(path, 1, student.model.module)
 
-    def die(*args, **kwargs):  # the process dies after writing shards, before the rename
-        os.kill(os.getpid(), signal.SIGKILL)
+    def die(*args, **kwargs):  # the job dies after writing shards, before the rename
+        os.killpg(0, signal.SIGKILL)
 
     checkpoint.os.rename = die
     save_checkpoint(path, 2, student.model.module)
