@@ -427,3 +427,49 @@ def test_a_crafted_checkpoint_runs_no_code(initial, tmp_path, part):
     if part == ".metadata":  # the payload is real: plain unpickling runs it
         pickle.loads((folder / ".metadata").read_bytes())
         assert marker.exists()
+
+
+def _retention_worker(rank, world, root, kill_while_deleting):
+    from tropd_megatron.megatron import checkpoint
+
+    os.setsid()
+    _, student = _setup(1, 1, optimizer="adam", lr=1e-2)
+    path = os.path.join(root, "kept")
+    for step in range(1, 6):
+        if step == 5 and kill_while_deleting:
+            real = checkpoint.shutil.rmtree
+
+            def die_midway(folder, *a, **k):  # some files gone, then the job is killed
+                files = sorted(p for p in os.listdir(folder))
+                for name in files[: len(files) // 2]:
+                    target = os.path.join(folder, name)
+                    real(target) if os.path.isdir(target) else os.remove(target)
+                os.killpg(0, signal.SIGKILL)
+
+            checkpoint.shutil.rmtree = die_midway
+        save_checkpoint(path, step, student.model.module, student.optimizer, student.scheduler, keep_last=2,
+                        keep_every=2)
+    return sorted(os.listdir(path))
+
+
+def _retention_after_kill_worker(rank, world, root):
+    teacher, student = _setup(1, 1, optimizer="adam", lr=1e-2)
+    path = os.path.join(root, "kept")
+    meta = load_checkpoint(latest_checkpoint(path), student.model.module, student.optimizer, student.scheduler)
+    save_checkpoint(path, 6, student.model.module, student.optimizer, student.scheduler, keep_last=2, keep_every=2)
+    return meta["step"], sorted(os.listdir(path))
+
+
+def test_old_checkpoints_are_deleted_and_a_kill_while_deleting_leaves_latest_loadable(initial, tmp_path):
+    """keep_last = 2, keep_every = 2: after saves 1..5, steps 2 and 4 (every 2nd) and 5 remain.
+    Killed in the middle of deleting an old one (after save 5 moved ``latest``): the latest
+    checkpoint loads, no step_* folder is half-deleted, and the next save clears the leftover."""
+    assert run_workers(_retention_worker, 1, str(tmp_path), False)[0] == [
+        "latest", "step_00000002", "step_00000004", "step_00000005"]
+    killed = tmp_path / "killed"
+    with pytest.raises(AssertionError, match=r"died \(exit codes \[-9\]\)"):
+        run_workers(_retention_worker, 1, str(killed), True)
+    entries = sorted(os.listdir(killed / "kept"))
+    assert entries == [".deleting_step_00000003", "latest", "step_00000002", "step_00000004", "step_00000005"]
+    step, after = run_workers(_retention_after_kill_worker, 1, str(killed))[0]
+    assert step == 5 and after == ["latest", "step_00000002", "step_00000004", "step_00000005", "step_00000006"]

@@ -71,10 +71,15 @@ class CheckpointConfig:
     # the distributed optimizer's state: "dp_reshardable" (parallel, resumes at any data-parallel
     # size) or "fully_reshardable" (gathered; resumes at any tensor / pipeline layout too)
     optimizer_format: str = "dp_reshardable"
+    # older step folders are deleted once a newer save is complete (0: keep all); steps that
+    # are multiples of keep_every are kept as well (0: none)
+    keep_last: int = 3
+    keep_every: int = 0
 
     def __post_init__(self):
-        if self.save_every < 1:
-            raise ValueError(f"checkpoint.save_every={self.save_every}; must be >= 1")
+        if self.save_every < 1 or self.keep_last < 0 or self.keep_every < 0:
+            raise ValueError(f"checkpoint.save_every={self.save_every} must be >= 1, keep_last={self.keep_last} and "
+                             f"keep_every={self.keep_every} >= 0")
         if self.optimizer_format not in OPTIMIZER_FORMATS:
             raise ValueError(f"checkpoint.optimizer_format={self.optimizer_format!r}; expected one of "
                              f"{OPTIMIZER_FORMATS}")

@@ -227,7 +227,8 @@ class Trainer:
         save_checkpoint(self.cfg.checkpoint.dir, self.step, self.student.model.module, self.student.optimizer,
                         self.student.scheduler, trainer_state={"data": self.prompts.state_dict(), "history": self.history,
                                        "config": flatten(self.cfg), "spike_norms": self._spike_norms()},
-                        optimizer_format=self.cfg.checkpoint.optimizer_format)
+                        optimizer_format=self.cfg.checkpoint.optimizer_format,
+                        keep_last=self.cfg.checkpoint.keep_last, keep_every=self.cfg.checkpoint.keep_every)
 
     def _spike_norms(self) -> list:
         return self.student.spike_guard.norms if self.student.spike_guard else []

@@ -3,6 +3,7 @@
 Layout under a run's checkpoint root:
     step_00000012/        model + optimizer shards, trainer.json, rng_rank*.pt
     .incomplete_step_*/   a save in progress (or killed): never read
+    .deleting_step_*/     an old checkpoint being deleted (``keep_last``): never read
     latest                the name of the newest complete checkpoint, replaced last
 A save writes into ``.incomplete_step_N``, renames it to ``step_N`` once every rank has
 finished, then atomically replaces ``latest``: a process killed at any point leaves the
@@ -135,10 +136,11 @@ def _layout() -> dict:
 
 
 def save_checkpoint(root, step: int, model, optimizer=None, scheduler=None, trainer_state: Optional[dict] = None,
-                    optimizer_format: str = "dp_reshardable") -> Path:
+                    optimizer_format: str = "dp_reshardable", keep_last: int = 0, keep_every: int = 0) -> Path:
     """Collective: every rank calls it. ``model`` is the bare GPTModel (``ddp.module``);
     ``trainer_state`` is JSON data saved beside (for example the data position);
-    ``optimizer_format``: see OPTIMIZER_FORMATS."""
+    ``optimizer_format``: see OPTIMIZER_FORMATS; ``keep_last`` / ``keep_every``: see
+    ``prune_checkpoints`` (0: keep every checkpoint)."""
     if optimizer_format not in OPTIMIZER_FORMATS:
         raise ValueError(f"checkpoint.optimizer_format={optimizer_format!r}; expected one of {OPTIMIZER_FORMATS}")
     root = Path(root)
@@ -165,8 +167,36 @@ def save_checkpoint(root, step: int, model, optimizer=None, scheduler=None, trai
         os.rename(partial, final)
         _fsync_dir(root)
         _write_atomic(root / LATEST, final.name)
+        if keep_last:
+            prune_checkpoints(root, keep_last, keep_every)
     dist.barrier()
     return final
+
+
+DELETING = ".deleting_"
+
+
+def prune_checkpoints(root, keep_last: int, keep_every: int = 0) -> list[str]:
+    """Delete all but the newest ``keep_last`` step folders under ``root``, keeping steps that
+    are multiples of ``keep_every`` (0: none) and always the folder ``latest`` names; returns
+    the folders deleted. Call it after ``latest`` points at a complete checkpoint. Each folder
+    is first renamed (atomic) to ``.deleting_step_N``, which nothing reads, so a kill midway
+    leaves only whole checkpoints under their names; such leftovers go at the next prune."""
+    root = Path(root)
+    current = (root / LATEST).read_text().strip()
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    keep = {p.name for p in steps[-keep_last:]} | {current}
+    if keep_every:
+        keep |= {p.name for p in steps if int(p.name.split("_")[1]) % keep_every == 0}
+    deleted = []
+    for path in steps:
+        if path.name not in keep:
+            os.rename(path, root / (DELETING + path.name))
+            deleted.append(path.name)
+    _fsync_dir(root)
+    for leftover in sorted(root.glob(DELETING + "*")):
+        shutil.rmtree(leftover)
+    return deleted
 
 
 def latest_checkpoint(root) -> Optional[Path]:
