@@ -1,10 +1,10 @@
 """Entry points: ``python -m launch.NAME`` from the repository root."""
 import os
-import sys
 import threading
 import time
 
 from tropd_megatron import RunError
+from tropd_megatron.logs import logger
 
 BAD_INPUT_EXIT = 2
 RUN_ERROR_EXIT = 1
@@ -21,8 +21,7 @@ def exit_with_launcher(poll_seconds: float = 1.0) -> None:
     def watch():
         while os.getppid() == launcher:
             time.sleep(poll_seconds)
-        print(f"error: rank {os.environ.get('RANK', '?')}: torchrun (pid {launcher}) is gone; exiting",
-              file=sys.stderr, flush=True)
+        logger.error(f"rank {os.environ.get('RANK', '?')}: torchrun (pid {launcher}) is gone; exiting")
         os._exit(RUN_ERROR_EXIT)  # checkpoints are written atomically: a save cut short is never read
 
     threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
@@ -41,5 +40,5 @@ def run_main(main, argv=None) -> int:
 
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0 or (isinstance(e, RunError) and not e.all_ranks):
-            print(f"error{f' on rank {rank}' if rank else ''}: {e}", file=sys.stderr, flush=True)
+            logger.error(f"{f'rank {rank}: ' if rank else ''}{e}")
         return RUN_ERROR_EXIT if isinstance(e, RunError) else BAD_INPUT_EXIT

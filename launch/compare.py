@@ -33,7 +33,8 @@ from launch.demo import TASK_HELP, tiny_configs
 from tropd_megatron.evaluation.benchmark import evaluate, load_problems
 from tropd_megatron.megatron import initialize
 from tropd_megatron.tasks.tiny import prepare
-from tropd_megatron.train import Trainer, is_logger, read_metrics
+from tropd_megatron.logs import logger, logging_rank, read_metrics
+from tropd_megatron.train import Trainer
 
 # rows, each an objective's overrides of the tiny recipe
 VARIANTS = {
@@ -75,11 +76,11 @@ def run_one(root: str, variant: str, lr: float, seed: int, overrides: list) -> d
                                  f"eval.path={root}/validation.jsonl", f"checkpoint.dir={folder}",
                                  f"logging.tensorboard_dir={folder}/tensorboard", "logging.log_every=50", *overrides])
     trainer = Trainer(cfg)
-    history = trainer.run()["history"]["eval"]
+    history = trainer.run().eval
     test = load_problems(replace(cfg.data, path=f"{root}/held_out.jsonl"), trainer.encode)
     result = evaluate(trainer.student_generator, test, trainer.tokenizer.decode, max_new_tokens=cfg.eval.max_new_tokens,
                       seed=seed, progress=False, results_path=os.path.join(folder, "test.jsonl"))
-    last = list(read_metrics(folder).values())[-10:] if is_logger() else []
+    last = list(read_metrics(folder).values())[-10:] if logging_rank() else []
     return {"key": key, "variant": variant, "lr": lr, "seed": seed, "steps": cfg.schedule.steps,
             "validation": [(e["step"], e["avg_at_n"]) for e in history], "test": result.avg_at_n,
             "test_problems": result.problems, "validation_problems": history[-1]["problems"],
@@ -266,11 +267,10 @@ def main(argv=None) -> None:
         for v, lr, seed in todo:
             if run_key(v, lr, seed) in data["runs"]:
                 continue
-            if dist.get_rank() == 0:
-                print(f"== {v}, lr {lr:g}, seed {seed} ({len(data['runs'])} runs done)", file=sys.stderr, flush=True)
+            logger.info(f"== {v}, lr {lr:g}, seed {seed} ({len(data['runs'])} runs done)")
             record = run_one(args.root, v, lr, seed, args.overrides)
             data["runs"][record["key"]] = record
-            if is_logger():
+            if logging_rank():
                 save(path, data)
         if args.phase == "sweep":
             break
@@ -279,7 +279,7 @@ def main(argv=None) -> None:
         if not more:
             break
         todo = more
-    if is_logger():
+    if logging_rank():
         save(path, data)
         print(report(data, args.out, variants, lrs, seeds), flush=True)
     dist.barrier()

@@ -24,7 +24,8 @@ from tropd_megatron.evaluation.benchmark import evaluate
 from tropd_megatron.megatron import initialize
 from tropd_megatron.megatron.inference import Generator
 from tropd_megatron.tasks.tiny import TinyTaskConfig, prepare
-from tropd_megatron.train import Trainer, is_logger, read_metrics
+from tropd_megatron.logs import logging_rank, read_metrics
+from tropd_megatron.train import Trainer
 
 
 def plot(cfg, evals: list, path: str) -> None:
@@ -89,14 +90,14 @@ def main(argv=None) -> dict:
                        max_new_tokens=cfg.eval.max_new_tokens, progress=False)
     del teacher_generator  # its KV cache
     result = trainer.run()
-    evals = result["history"]["eval"]
-    metrics = read_metrics(cfg.checkpoint.dir).values() if is_logger() else []
+    evals = result.eval
+    metrics = read_metrics(cfg.checkpoint.dir).values() if logging_rank() else []
     trust = [m["trust_fraction"] for m in metrics if "trust_fraction" in m]  # TrOPD only
     summary = {"teacher_accuracy": teacher.avg_at_n, "student_accuracy_before": evals[0]["avg_at_n"],
                "student_accuracy_after": evals[-1]["avg_at_n"], "eval_problems": teacher.problems,
-               "trust_fraction": sum(trust) / max(len(trust), 1), "steps": result["steps"],
+               "trust_fraction": sum(trust) / max(len(trust), 1), "steps": trainer.step,
                "objective": cfg.objective.name, "wall_seconds": time.time() - start}
-    if is_logger():
+    if logging_rank():
         root = os.path.dirname(cfg.tokenizer)
         plot(cfg, evals, os.path.join(root, "demo.png"))
         with open(os.path.join(root, "summary.json"), "w") as f:
@@ -106,7 +107,7 @@ def main(argv=None) -> dict:
               f"| teacher ({t.num_layers} layers x {t.hidden_size}) | {teacher.avg_at_n:.3f} |\n"
               f"| student ({s.num_layers} layers x {s.hidden_size}) before {cfg.objective.name} | "
               f"{summary['student_accuracy_before']:.3f} |\n"
-              f"| student after {result['steps']} {cfg.objective.name} steps | {summary['student_accuracy_after']:.3f} |\n"
+              f"| student after {trainer.step} {cfg.objective.name} steps | {summary['student_accuracy_after']:.3f} |\n"
               f"| mean trust fraction | {summary['trust_fraction']:.3f} |\n"
               f"| wall time (s) | {summary['wall_seconds']:.0f} |\n"
               f"plot: {root}/demo.png, TensorBoard: tensorboard --logdir {cfg.logging.tensorboard_dir}", flush=True)

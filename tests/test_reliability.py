@@ -16,7 +16,7 @@ from distributed import free_port
 from hf_models import hf_model, model_overrides
 from test_train import single_process
 from tiny_files import make_tiny_files
-from tropd_megatron.train import read_metrics
+from tropd_megatron.logs import read_metrics
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")

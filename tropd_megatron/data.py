@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .logs import logger
 from .seeds import stream_seed
 
 
@@ -66,9 +66,8 @@ class PromptStream:
                 self.prompts.append(Prompt(len(self.prompts), line_no, text, ids, answer))
         self.skipped_too_long = len(too_long)
         if too_long:
-            print(f"{config.path}: skipped {len(too_long)} prompts longer than max_prompt_tokens="
-                  f"{config.max_prompt_tokens} (lines {too_long[:10]}{' ...' if len(too_long) > 10 else ''})",
-                  file=sys.stderr)
+            logger.warning(f"{config.path}: skipped {len(too_long)} prompts longer than max_prompt_tokens="
+                           f"{config.max_prompt_tokens} (lines {too_long[:10]}{' ...' if len(too_long) > 10 else ''})")
         if not self.prompts:
             raise ValueError(f"{config.path}: no usable prompts")
         self.epoch, self.position = 0, 0

@@ -11,22 +11,21 @@ held-out evaluation, checkpoints, TensorBoard scalars and a progress line. SIGTE
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from tqdm import tqdm
 
 from . import RunError
 from .data import PromptStream
 from .evaluation.benchmark import evaluate, load_problems
+from .logs import MetricsWriter, logger, logging_rank
 from .megatron import build_gpt, build_student, initialize, shared_vocabulary_rows
 from .megatron.checkpoint import checkpoint_metadata, latest_checkpoint, load_checkpoint, save_checkpoint
 from .megatron.hf_checkpoint import is_hf_folder, load_hf_weights
@@ -39,8 +38,6 @@ from .validate import validate
 from .tokenizer import check_same_vocabulary, check_tokenizer, load_tokenizer, prompt_encoder
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; run again to resume
-SCALARS = ("loss", "trust_fraction", "kl_k3", "response_length", "stopped_fraction", "prefixed_fraction",
-           "tokens_per_second", "lr", "grad_norm", "skipped_update", "skipped_updates", "nonfinite_tokens")
 
 
 class Preempted(SystemExit):
@@ -70,35 +67,23 @@ class _StopFlag:
             signal.signal(s, handler)
 
 
-def is_logger() -> bool:
-    """The rank holding reduced metrics: last pipeline stage, first TP and DP rank."""
-    return (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0)
+@dataclass
+class TrainerState:
+    """What a checkpoint holds beside the weights, the optimizer and the LR schedule: written
+    whole by ``Trainer.save`` and read back whole on resume (one schema for both)."""
 
+    data: dict = field(default_factory=dict)  # the prompt stream's position
+    eval: list = field(default_factory=list)  # every evaluation's result
+    skipped_steps: list = field(default_factory=list)  # steps whose update was skipped
+    spike_norms: list = field(default_factory=list)  # the spike guard's history
+    config: dict = field(default_factory=dict)  # the run's settings, flattened (resume conflicts)
 
-def log(message: str) -> None:
-    if dist.get_rank() == 0:
-        say(message)
-
-
-def say(message: str) -> None:
-    """A line on stderr, above the progress bar when there is one."""
-    tqdm.write(message, file=sys.stderr)
-    sys.stderr.flush()
-
-
-METRICS_FILE = "metrics.jsonl"
-
-
-def read_metrics(checkpoint_dir) -> dict:
-    """{step: metrics} from a run's ``metrics.jsonl``; after a resume the steps past the last
-    checkpoint appear twice, and the later record (the one the run kept) wins."""
-    by_step = {}
-    with open(os.path.join(checkpoint_dir, METRICS_FILE)) as f:
-        for line in f:
-            record = json.loads(line)
-            by_step[record["step"]] = record
-    return dict(sorted(by_step.items()))
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> "TrainerState":
+        """A checkpoint's state; one written before this schema kept eval and skipped steps
+        under "history"."""
+        saved = {**saved, **saved.get("history", {})}
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
 def load_weights(path: str | None, model, config, what: str) -> Path | None:
@@ -106,7 +91,7 @@ def load_weights(path: str | None, model, config, what: str) -> Path | None:
     folder (config.json + safetensors), a run's checkpoint root (its latest) or one step folder.
     Returns the folder read, None for random weights (``path`` None)."""
     if path is None:
-        log(f"WARNING: {what}.checkpoint is null: {what} has RANDOM weights (acceptable for smoke tests only)")
+        logger.warning("%s.checkpoint is null: %s has RANDOM weights (acceptable for smoke tests only)", what, what)
         return None
     root = Path(path)
     if not root.exists():
@@ -147,8 +132,8 @@ def run_models(cfg: RunConfig):
     student, teacher = shared_vocabulary_rows(cfg.student.model, cfg.teacher.model, cfg.parallel.tensor)
     if (student.embedding_rows, teacher.embedding_rows) != (cfg.student.model.embedding_rows,
                                                             cfg.teacher.model.embedding_rows):
-        log(f"vocabulary: {student.vocab_size} tokens; both models get {student.embedding_rows} embedding rows "
-            f"(configured: student {cfg.student.model.embedding_rows}, teacher {cfg.teacher.model.embedding_rows})")
+        logger.info(f"vocabulary: {student.vocab_size} tokens; both models get {student.embedding_rows} embedding rows "
+                    f"(configured: student {cfg.student.model.embedding_rows}, teacher {cfg.teacher.model.embedding_rows})")
     return student, teacher
 
 
@@ -171,28 +156,26 @@ class Trainer:
         self.student = build_student(student_model, cfg.parallel, cfg.optim, cfg.schedule.steps)
         self.encode = encode = prompt_encoder(self.tokenizer, cfg.data.chat_template)  # prompt text -> token ids
         self.prompts = PromptStream(cfg.data, encode)
-        self.step, self.history = 0, {"eval": [], "skipped_steps": []}
+        self.step, self.state = 0, TrainerState()
         resume = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
         if resume is not None:
-            meta = checkpoint_metadata(resume)
-            conflicts = resume_conflicts(meta["trainer"].get("config", {}), cfg)
+            saved = TrainerState.from_checkpoint(checkpoint_metadata(resume)["trainer"])
+            conflicts = resume_conflicts(saved.config, cfg)
             if conflicts:
                 raise ValueError(f"{resume} was written by a run with other settings; use another checkpoint.dir "
                                  "(or delete it) to start afresh:\n  " + "\n  ".join(conflicts))
-            meta = load_checkpoint(resume, self.student.model.module, self.student.optimizer, self.student.scheduler)
-            self.step = meta["step"]
-            self.prompts.load_state_dict(meta["trainer"]["data"])
-            self.history = {"skipped_steps": [], **meta["trainer"]["history"]}
-            if self.student.spike_guard is not None:
-                self.student.spike_guard.norms = list(meta["trainer"].get("spike_norms", []))
-            log(f"resumed from {resume} at step {self.step}")
+            self.step = load_checkpoint(resume, self.student.model.module, self.student.optimizer,
+                                        self.student.scheduler)["step"]
+            self.restore(saved)
+            logger.info(f"resumed from {resume} at step {self.step}")
         else:
             load_student_weights(self.student, cfg.student.checkpoint, student_model)
         if dist.get_rank() == 0:  # after the resume check: a refused run leaves the folder as it was
             os.makedirs(cfg.checkpoint.dir, exist_ok=True)
             with open(os.path.join(cfg.checkpoint.dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
-            say(f"run {cfg.name}: {dist.get_world_size()} processes, configuration in {cfg.checkpoint.dir}/config.yaml")
+        logger.info(f"run {cfg.name}: {dist.get_world_size()} processes, configuration in "
+                    f"{cfg.checkpoint.dir}/config.yaml")
         lengths = request_lengths(cfg)
         self.student_generator = Generator(self.student.model.module, student_model, eos_id=self.tokenizer.eos_id,
                                            engine=cfg.rollout.engine, max_request_tokens=lengths["student"],
@@ -203,11 +186,21 @@ class Trainer:
         self.eval_problems = None
         if cfg.eval.path:
             self.eval_problems = load_problems(replace(cfg.data, path=cfg.eval.path), encode, cfg.eval.max_problems)
-        self.writer = None
-        if cfg.logging.tensorboard_dir and is_logger():
-            from torch.utils.tensorboard import SummaryWriter
+        dist.barrier()  # the checkpoint folder exists
+        self.metrics = MetricsWriter(cfg.checkpoint.dir, cfg.logging.tensorboard_dir)
 
-            self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
+    def snapshot(self) -> TrainerState:
+        """The run's state as a checkpoint holds it."""
+        guard = self.student.spike_guard
+        return replace(self.state, data=self.prompts.state_dict(), spike_norms=list(guard.norms) if guard else [],
+                       config=flatten(self.cfg))
+
+    def restore(self, state: TrainerState) -> None:
+        """The inverse of ``snapshot``."""
+        self.state = state
+        self.prompts.load_state_dict(state.data)
+        if self.student.spike_guard is not None:
+            self.student.spike_guard.norms = list(state.spike_norms)
 
     def evaluate(self) -> dict:
         e = self.cfg.eval
@@ -216,46 +209,33 @@ class Trainer:
                           temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=self.cfg.schedule.seed,
                           results_path=results).as_dict()
         result["step"] = self.step
-        self.history["eval"].append(result)
-        if self.writer is not None:
-            self.writer.add_scalar(f"eval/avg@{e.samples}", result["avg_at_n"], self.step)
-        log(f"eval at step {self.step}: avg@{e.samples} {result['avg_at_n']:.3f} pass@{e.samples} "
+        self.state.eval.append(result)
+        self.metrics.scalar(f"eval/avg@{e.samples}", result["avg_at_n"], self.step)
+        logger.info(f"eval at step {self.step}: avg@{e.samples} {result['avg_at_n']:.3f} pass@{e.samples} "
             f"{result['pass_at_n']:.3f} on {result['problems']} problems ({results})")
         return result
 
     def save(self) -> None:
         save_checkpoint(self.cfg.checkpoint.dir, self.step, self.student.model.module, self.student.optimizer,
-                        self.student.scheduler, trainer_state={"data": self.prompts.state_dict(), "history": self.history,
-                                       "config": flatten(self.cfg), "spike_norms": self._spike_norms()},
+                        self.student.scheduler, trainer_state=asdict(self.snapshot()),
                         optimizer_format=self.cfg.checkpoint.optimizer_format,
                         keep_last=self.cfg.checkpoint.keep_last, keep_every=self.cfg.checkpoint.keep_every)
 
-    def _spike_norms(self) -> list:
-        return self.student.spike_guard.norms if self.student.spike_guard else []
-
     def _record(self, metrics: dict, seconds: dict) -> None:
-        if not is_logger():
-            return
-        # every step's metrics at full precision (read_metrics)
-        with open(os.path.join(self.cfg.checkpoint.dir, METRICS_FILE), "a") as f:
-            f.write(json.dumps({"step": self.step, **metrics, "seconds": seconds}) + "\n")
-        if self.writer is not None:
-            for key in SCALARS:
-                if metrics.get(key) is not None:
-                    self.writer.add_scalar(f"train/{key}", float(metrics[key]), self.step)
-            for key, value in seconds.items():
-                self.writer.add_scalar(f"time/{key}", value, self.step)
+        self.metrics.step(self.step, metrics, seconds)
         if self.step % self.cfg.logging.log_every == 0 or self.step == self.cfg.schedule.steps:
-            say(f"step {self.step}/{self.cfg.schedule.steps} loss {metrics['loss']:.4f} "
+            logger.info(
+                f"step {self.step}/{self.cfg.schedule.steps} loss {metrics['loss']:.4f} "
                 f"trust {metrics.get('trust_fraction', float('nan')):.3f} len {metrics['response_length']:.1f} "
-                f"lr {metrics['lr']:.2e} | rollout {seconds['rollout']:.1f}s teacher {seconds['teacher']:.1f}s "
-                f"train {seconds['student'] + seconds['optimizer']:.1f}s | {metrics['tokens_per_second']:.0f} tok/s"
+                f"stopped {metrics['stopped_fraction']:.2f} lr {metrics['lr']:.2e} | rollout {seconds['rollout']:.1f}s "
+                f"teacher {seconds['teacher']:.1f}s train {seconds['student'] + seconds['optimizer']:.1f}s | "
+                f"{metrics['tokens_per_second']:.0f} tok/s"
                 + (f" | {metrics['nonfinite_tokens']:.0f} tokens with non-finite teacher logits masked"
                    if metrics.get("nonfinite_tokens") else "")
                 + (f" | update SKIPPED: {metrics['skip_reason']}" if metrics["skipped_update"] else ""))
 
     def _check_not_stalled(self, reason) -> None:
-        limit, skipped = self.cfg.optim.max_skipped_in_a_row, self.history["skipped_steps"]
+        limit, skipped = self.cfg.optim.max_skipped_in_a_row, self.state.skipped_steps
         if limit and skipped[-limit:] == list(range(self.step - limit + 1, self.step + 1)):
             latest = latest_checkpoint(self.cfg.checkpoint.dir)
             raise StalledRun(
@@ -269,7 +249,7 @@ class Trainer:
         started = time.time()
         # a bar on a terminal only (disable=None); logs get the progress lines
         bar = tqdm(total=cfg.schedule.steps, initial=self.step, desc=f"{cfg.name} {cfg.objective.name}",
-                   disable=None if is_logger() else True, file=sys.stderr, dynamic_ncols=True)
+                   disable=None if logging_rank() else True, file=sys.stderr, dynamic_ncols=True)
         try:
             if self.eval_problems and self.step == 0:
                 self.evaluate()
@@ -281,10 +261,10 @@ class Trainer:
                     seed=cfg.schedule.seed)
                 self.step += 1
                 if result.step.skipped:
-                    self.history["skipped_steps"].append(self.step)
+                    self.state.skipped_steps.append(self.step)
                 metrics = dict(result.metrics, lr=result.step.lr, grad_norm=result.step.grad_norm,
                                skipped_update=result.step.skipped, skip_reason=result.step.skip_reason,
-                               skipped_updates=len(self.history["skipped_steps"]))
+                               skipped_updates=len(self.state.skipped_steps))
                 self._record(metrics, result.seconds)
                 self._check_not_stalled(result.step.skip_reason)
                 bar.update(1)
@@ -295,20 +275,19 @@ class Trainer:
                 if last or preempted or self.step % cfg.checkpoint.save_every == 0:
                     self.save()
                 if preempted and not last:
-                    log(f"{stop.raised or 'a signal on another rank'}: checkpoint at step {self.step} written; "
-                        f"exiting with {PREEMPTED_EXIT} (run again to resume)")
+                    logger.info(f"{stop.raised or 'a signal on another rank'}: checkpoint at step {self.step} written; "
+                                f"exiting with {PREEMPTED_EXIT} (run again to resume)")
                     raise Preempted()
         finally:
             bar.close()
             stop.restore()
-            if self.writer is not None:
-                self.writer.close()
-        skipped = len(self.history["skipped_steps"])
-        log(f"done: {self.step} steps in {time.time() - started:.0f} s"
-            + (f" ({skipped} updates skipped, steps {self.history['skipped_steps']})" if skipped else "")
-            + f"; checkpoints in {cfg.checkpoint.dir}")
-        return {"steps": self.step, "history": self.history}
+            self.metrics.close()
+        skipped = self.state.skipped_steps
+        logger.info(f"done: {self.step} steps in {time.time() - started:.0f} s"
+                    + (f" ({len(skipped)} updates skipped, steps {skipped})" if skipped else "")
+                    + f"; checkpoints in {cfg.checkpoint.dir}")
+        return self.state
 
 
-def train(cfg: RunConfig) -> dict:
+def train(cfg: RunConfig) -> TrainerState:
     return Trainer(cfg).run()

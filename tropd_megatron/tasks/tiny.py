@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..logs import logger
 from ..losses import SFTConfig
 from ..seeds import stream_seed
 from ..megatron import ModelConfig, OptimConfig, ParallelConfig, build_student, train_step
@@ -94,8 +95,7 @@ def supervised_model(path: str, model: ModelConfig, parallel: ParallelConfig, tr
         saved = checkpoint_metadata(cached)["trainer"]
         if saved != wanted:
             raise SystemExit(f"{path} holds a {what} trained with {saved}, not {wanted}: delete {path} to retrain it")
-        if dist.get_rank() == 0:
-            print(f"{what}: cached in {path}", file=sys.stderr)
+        logger.info(f"{what}: cached in {path}")
         return
     optim = OptimConfig(lr=cfg.sft_lr, warmup_steps=min(20, steps // 5), min_lr=1e-4)
     student = build_student(model, parallel, optim, steps)

@@ -1,0 +1,138 @@
+"""One logging setup for a run: messages through Python's ``logging`` on the rank that holds
+the reduced metrics, written above the progress bar; every numeric metric to
+``metrics.jsonl`` and TensorBoard; megatron-core's known-harmless warnings quieted.
+
+    from tropd_megatron.logs import logger
+    logger.info("resumed from %s", path)
+
+Results a command prints for the user (``launch.evaluate``'s JSON line, ``launch.plan``'s
+table, the demo's summary) go to stdout with ``print``; everything else is logged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+
+from tqdm import tqdm
+
+logger = logging.getLogger("tropd_megatron")
+
+# megatron-core's notices on every rank at import or model build, harmless here: the local
+# layers and torch's optimizers are the intended fallback without TransformerEngine / apex;
+# CUDA_DEVICE_MAX_CONNECTIONS matters only on GPUs (the Slurm script sets it); the deprecated
+# default cuda_graph_scope is never used (no CUDA graphs)
+KNOWN_HARMLESS = (r"Apex is not installed", r"Transformer Engine and Apex are not installed",
+                  r"Using a large value for CUDA_DEVICE_MAX_CONNECTIONS|CUDA_DEVICE_MAX_CONNECTIONS",
+                  r"full scope is deprecated")
+
+
+def quiet_known_warnings() -> None:
+    """Hide exactly the warnings in KNOWN_HARMLESS; every other warning still shows."""
+    for message in KNOWN_HARMLESS:
+        warnings.filterwarnings("ignore", message=f".*({message})")
+
+
+def logging_rank() -> bool:
+    """Whether this process logs: the rank that holds the reduced metrics (last pipeline
+    stage, first tensor- and data-parallel rank) once Megatron's groups exist, global rank 0
+    before."""
+    try:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            return (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+                    and parallel_state.get_data_parallel_rank() == 0)
+    except ImportError:
+        pass
+    import torch.distributed as dist
+
+    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0
+
+
+class _AboveProgressBar(logging.Handler):
+    """Writes records to stderr through tqdm, so that a progress bar stays below them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+            sys.stderr.flush()
+        except Exception:  # a logging call must never end a run
+            self.handleError(record)
+
+
+class _RankFilter(logging.Filter):
+    """Info from the logging rank only; warnings and errors from every rank that has them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or logging_rank()
+
+
+def configure() -> None:
+    """Attach the handler (idempotent): plain messages, ``error:`` / ``warning:`` prefixed."""
+    if any(isinstance(h, _AboveProgressBar) for h in logger.handlers):
+        return
+    handler = _AboveProgressBar()
+    handler.setFormatter(_Prefixed())
+    handler.addFilter(_RankFilter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+class _Prefixed(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+configure()
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsWriter:
+    """Every step's numeric metrics, at full precision, to ``DIR/metrics.jsonl`` and (when a
+    directory is given) TensorBoard, from the logging rank; a no-op on the others."""
+
+    def __init__(self, checkpoint_dir: str, tensorboard_dir: str | None):
+        self.path = os.path.join(checkpoint_dir, METRICS_FILE)
+        self.active = logging_rank()
+        self.tensorboard = None
+        if self.active and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(tensorboard_dir)
+
+    def step(self, step: int, metrics: dict, seconds: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics, "seconds": seconds}) + "\n")
+        if self.tensorboard is not None:
+            for key, value in metrics.items():  # every numeric one (bools as 0 / 1); not reasons, not None
+                if isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"train/{key}", float(value), step)
+            for key, value in seconds.items():
+                self.tensorboard.add_scalar(f"time/{key}", value, step)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def read_metrics(checkpoint_dir) -> dict:
+    """{step: metrics} from a run's ``metrics.jsonl``; after a resume the steps past the last
+    checkpoint appear twice, and the later record (the one the run kept) wins."""
+    by_step = {}
+    with open(os.path.join(checkpoint_dir, METRICS_FILE)) as f:
+        for line in f:
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return dict(sorted(by_step.items()))
