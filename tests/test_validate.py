@@ -37,6 +37,8 @@ def test_the_recipes_as_shipped_pass(recipe, world):
     (["rollout.sampling.top_k=5", "rollout.sampling.top_p=0.9"], 2, "rollout.sampling.top_k=5 and top_p=0.9"),
     (["rollout.engine.name=static", "parallel.sequence_parallel=true"], 2,
      "rollout.engine.name=static does not support parallel.sequence_parallel"),
+    (["objective.name=opd", "rollout.prefix_share_start=0.5", "rollout.prefix_tokens_start=4"], 2,
+     "objective.name=opd does not train on"),
     (["rollout.engine.kv_cache_gib=0.0001"], 2, "student: rollout.engine.kv_cache_gib=0.0001 holds 0 KV blocks of 256 "
                                                 "tokens (0.125 MiB each); one request of 64 tokens needs 1"),
 ])

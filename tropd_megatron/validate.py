@@ -60,12 +60,16 @@ def problems(cfg: RunConfig, world_size: int) -> list[str]:
                    f"rollout.sampling.max_new_tokens - 1 = {longest - 1} tokens: raise it or set 0 (that length)")
     if s.top_k > 1 and s.top_p < 1:
         out.append(f"rollout.sampling.top_k={s.top_k} and top_p={s.top_p}: Megatron's sampler takes one of them")
+    objective = cfg.objective.selected()
+    guided = max(r.prefix_share_start, r.prefix_share_end) > 0 and max(r.prefix_tokens_start, r.prefix_tokens_end) > 0
+    if guided and not objective.uses_prefix_mask:
+        out.append(f"rollout.prefix_share_start / _end and prefix_tokens_start / _end ask for teacher prefixes, which "
+                   f"objective.name={cfg.objective.name} does not train on (prefix guidance is TrOPD's)")
     if r.engine.name == "static" and p.sequence_parallel and p.tensor > 1:
         out.append("rollout.engine.name=static does not support parallel.sequence_parallel (Megatron's static "
                    "engine allows it for MoE models only): use the dynamic engine, or sequence_parallel=false")
     if r.engine.name == "dynamic" and not r.engine.kv_cache_free_fraction and shapes_divide:
         lengths = request_lengths(cfg)
-        guided = max(r.prefix_share_start, r.prefix_share_end) > 0 and max(r.prefix_tokens_start, r.prefix_tokens_end)
         for what, model in (("student", student), ("teacher", teacher)) if guided else (("student", student),):
             message = kv_buffer_problem(model, r.engine, p.tensor, p.pipeline, lengths[what])
             if message:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import ClassVar, Union
 
 from .estimators import TOPK_KL_VARIANTS
 
@@ -27,6 +27,14 @@ def _check(obj, name: str, ok: bool, requirement: str) -> None:
 @dataclass
 class OPDConfig:
     """On-policy distillation: L_t = -r_t log p_S(y_t), r_t = sg(log p_T(y_t) - log p_S(y_t))."""
+
+    # What each objective needs, declared here and asked for by the pipeline (which never
+    # tests objective types): the teacher as a compact "signal" (TeacherSignal), its
+    # "logits" shard (dense), or "none"; whether it reads rollout-time log-probs (a reward
+    # term to correct for stale rollouts); whether it takes teacher-prefix tokens.
+    teacher_input: ClassVar[str] = "signal"
+    uses_rollout_logprobs: ClassVar[bool] = True
+    uses_prefix_mask: ClassVar[bool] = False
 
     ppo_clip: float = 0.2  # eps of the clipped importance ratio (used with rollout_logprobs)
 
@@ -109,6 +117,8 @@ class TrOPDConfig(OPDConfig):
     from ``prefix_beta`` to 0 over total_steps.
     """
 
+    uses_prefix_mask: ClassVar[bool] = True  # prefix guidance
+
     trust: str = "stochastic"
     trust_threshold: float = 0.0
     outlier: str = "fkl"
@@ -140,6 +150,10 @@ class DenseKLConfig:
     """Full-vocabulary KL to the teacher on every token: needs the teacher's logits shard
     (dense mode). ``forward`` is KL(p_T || p_S), ``reverse`` is KL(p_S || p_T)."""
 
+    teacher_input: ClassVar[str] = "logits"
+    uses_rollout_logprobs: ClassVar[bool] = False  # no reward term
+    uses_prefix_mask: ClassVar[bool] = False
+
     direction: str = "reverse"
 
     def __post_init__(self):
@@ -154,6 +168,10 @@ class DenseKLConfig:
 class SFTConfig:
     """Supervised fine-tuning: -log p_S(y_t) on the given tokens; no teacher (the built-in
     task trains its teacher this way)."""
+
+    teacher_input: ClassVar[str] = "none"
+    uses_rollout_logprobs: ClassVar[bool] = False
+    uses_prefix_mask: ClassVar[bool] = False
 
     @property
     def signal_topk(self) -> int:

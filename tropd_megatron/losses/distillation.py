@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import ProcessGroup, VocabShard
-from .config import DenseKLConfig, ObjectiveConfig, TrOPDConfig
+from .config import DenseKLConfig, ObjectiveConfig
 from .estimators import kl_estimators
 from .objectives import OBJECTIVES, TokenView, prefix_beta, sequence_token_keys
 from .teacher import TeacherSignal
@@ -41,8 +41,8 @@ def _teacher_signal(teacher, target_ids, config, tp_group, vocab_size, local_voc
         return signal, logits
     if not isinstance(teacher, TeacherSignal):
         raise TypeError(f"teacher must be a TeacherSignal or the teacher's logits shard, got {type(teacher).__name__}")
-    if isinstance(config, DenseKLConfig):
-        raise ValueError("DenseKLConfig needs the teacher's logits shard (dense mode), not a TeacherSignal")
+    if config.teacher_input == "logits":
+        raise ValueError(f"{type(config).__name__} needs the teacher's logits shard (dense mode), not a TeacherSignal")
     _expect("teacher.token_logprobs", teacher.token_logprobs, (B, S), floating=True)
     _expect("teacher.valid", teacher.valid, (B, S))
     if teacher.topk < config.signal_topk:
@@ -119,16 +119,17 @@ def distillation_loss(
     _expect("loss_mask", loss_mask, (B, S))
     if prefix_mask is not None:
         _expect("prefix_mask", prefix_mask, (B, S))
-        if not isinstance(config, TrOPDConfig):
+        if not config.uses_prefix_mask:
             raise ValueError(f"prefix_mask is used by TrOPDConfig's prefix guidance only, not {type(config).__name__}")
     if trust_keys is not None:
         _expect("trust_keys", trust_keys, (B, S), integer=True)
     if rollout_logprobs is not None:
         _expect("rollout_logprobs", rollout_logprobs, (B, S), floating=True)
-        if isinstance(config, DenseKLConfig):
-            raise ValueError("rollout_logprobs does not apply to DenseKLConfig (no reward term)")
-    if inplace_backward and isinstance(config, DenseKLConfig):
-        raise ValueError("inplace_backward is not supported with DenseKLConfig (its backward reads the logits)")
+        if not config.uses_rollout_logprobs:
+            raise ValueError(f"rollout_logprobs does not apply to {type(config).__name__} (no reward term)")
+    if inplace_backward and config.teacher_input == "logits":
+        raise ValueError(f"inplace_backward is not supported with {type(config).__name__} (its backward reads the "
+                         "logits)")
     signal, dense_logits = _teacher_signal(teacher, target_ids, config, tp_group, vocab_size, local_vocab)
 
     weight = loss_mask.detach().float()

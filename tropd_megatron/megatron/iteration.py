@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from megatron.core import parallel_state
 
 from ..data import PromptStream
-from ..losses import DenseKLConfig, ObjectiveConfig
+from ..losses import ObjectiveConfig
 from ..seeds import stream_seed
 from .inference import Generator
 from .rollout import RolloutConfig, collect_rollouts, to_microbatches
@@ -41,12 +41,12 @@ def run_iteration(student: Student, teacher, student_generator: Generator, teach
         same_shape=parallel_state.get_pipeline_model_parallel_world_size() > 1,
         multiple_of=parallel_state.get_tensor_model_parallel_world_size() if student.model.config.sequence_parallel
         else 1)
-    if isinstance(objective, DenseKLConfig):
+    if not objective.uses_rollout_logprobs:
         for mb in microbatches:
-            mb.rollout_logprobs = None  # no reward term to correct
+            mb.rollout_logprobs = None
     ends = (student_generator.eos_id, teacher_generator.eos_id)
     result = train_step(student, teacher, microbatches, objective, vocab_size=vocab_size, step=step,
-                        total_steps=total_steps, dense=isinstance(objective, DenseKLConfig),
+                        total_steps=total_steps, dense=objective.teacher_input == "logits",
                         end_tokens=ends if ends[0] != ends[1] else None)
     generated = sum(len(r.prefix) + len(r.continuation) for r in rollouts)
     seconds = {"rollout": t1 - t0, **result.seconds}

@@ -21,7 +21,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from ..losses import (ObjectiveConfig, SFTConfig, TeacherSignal, distillation_loss, reduce_metrics, supervised_loss,
+from ..losses import (ObjectiveConfig, TeacherSignal, distillation_loss, reduce_metrics, supervised_loss,
                       swap_token_logits)
 from . import cpu
 from .compat import HAVE_TE
@@ -248,9 +248,10 @@ def train_step(
     dense: bool = False,
     end_tokens: Optional[tuple] = None,
 ) -> StepResult:
-    """One optimizer step on ``microbatches``. ``teacher`` may be None with SFTConfig;
+    """One optimizer step on ``microbatches``. ``teacher`` may be None for an objective that
+    needs none (``teacher_input == "none"``: SFTConfig);
     ``end_tokens``: see teacher_outputs."""
-    supervised = isinstance(objective, SFTConfig)
+    supervised = objective.teacher_input == "none"
     microbatches = on_device(microbatches)
     t0 = time.perf_counter()
     signals = [None] * len(microbatches) if supervised else teacher_outputs(
