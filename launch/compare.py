@@ -78,7 +78,7 @@ def run_one(root: str, variant: str, lr: float, seed: int, overrides: list) -> d
     trainer = Trainer(cfg)
     history = trainer.run().eval
     test = load_problems(replace(cfg.data, path=f"{root}/held_out.jsonl"), trainer.encode)
-    result = evaluate(trainer.student_generator, test, trainer.tokenizer.decode, max_new_tokens=cfg.eval.max_new_tokens,
+    result = evaluate(trainer.student_generator, test, trainer.tokenizer.decode, max_new_tokens=cfg.eval_max_new_tokens(),
                       seed=seed, progress=False, results_path=os.path.join(folder, "test.jsonl"))
     last = list(read_metrics(folder).values())[-10:] if logging_rank() else []
     return {"key": key, "variant": variant, "lr": lr, "seed": seed, "steps": cfg.schedule.steps,
@@ -210,7 +210,7 @@ def before_training(root: str, base) -> dict:
     tokenizer = load_tokenizer(base.tokenizer)
     test = load_problems(replace(base.data, path=f"{root}/held_out.jsonl"),
                          prompt_encoder(tokenizer, base.data.chat_template))
-    budget = base.eval.max_new_tokens
+    budget = base.eval_max_new_tokens()
     scores = {}
     for what, model_config in zip(("student_before_test", "teacher_test"), run_models(base)):
         spec = base.student if what.startswith("student") else base.teacher

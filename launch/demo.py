@@ -85,9 +85,9 @@ def main(argv=None) -> dict:
     trainer = Trainer(cfg)
     teacher_generator = Generator(trainer.teacher, trainer.teacher_generator.config, eos_id=trainer.tokenizer.eos_id,
                                   engine=cfg.rollout.engine, name="teacher",
-                                  max_request_tokens=cfg.data.max_prompt_tokens + cfg.eval.max_new_tokens)
+                                  max_request_tokens=cfg.data.max_prompt_tokens + cfg.eval_max_new_tokens())
     teacher = evaluate(teacher_generator, trainer.eval_problems, trainer.tokenizer.decode,
-                       max_new_tokens=cfg.eval.max_new_tokens, progress=False)
+                       max_new_tokens=cfg.eval_max_new_tokens(), progress=False)
     del teacher_generator  # its KV cache
     result = trainer.run()
     evals = result.eval

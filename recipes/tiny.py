@@ -33,6 +33,6 @@ def tiny(root: str = "runs/demo") -> RunConfig:
         schedule=ScheduleConfig(steps=200, prompts_per_step=16),
         checkpoint=CheckpointConfig(dir=f"{root}/tropd", save_every=50),
         logging=LoggingConfig(tensorboard_dir=f"{root}/tensorboard", log_every=10),
-        eval=EvalConfig(path=f"{root}/held_out.jsonl", every=25, max_new_tokens=40),
+        eval=EvalConfig(path=f"{root}/held_out.jsonl", every=25),
         gpu="cpu",
     )

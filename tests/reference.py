@@ -1,5 +1,5 @@
 """Plain single-process fp64 references over the full vocabulary, written from the
-equations (design.md section 2), independent of the library's sharded code paths.
+equations (docs/losses.md, "Objectives and their defaults"), independent of the library's sharded code paths.
 
 Logits are [B, S, Vpad]; columns >= vocab are padding. The only library pieces used are
 ``sequence_token_keys`` and ``token_uniforms``, the seeded hash that the stochastic trust mask draws from (tested on

@@ -5,6 +5,7 @@ final evaluation as a run that was never interrupted. A teacher whose logits ove
 tokens masked, the updates skipped and counted, and the run stopped with the reason; a
 checkpoint holding NaN weights is refused naming the file and tensor. Workers exit when
 torchrun alone is killed."""
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +40,12 @@ def kill_all(proc):
     for p in family:
         p.kill()
     psutil.wait_procs(family, timeout=30)
+
+
+def recorded_steps(folder) -> list:
+    """The steps of every record in a run's metrics.jsonl, in the order written (a resumed
+    run appends the steps it trains)."""
+    return [json.loads(line)["step"] for line in open(os.path.join(folder, "metrics.jsonl"))]
 
 
 def final_metrics(folder):
@@ -76,7 +83,8 @@ def test_sigkill_then_relaunch_matches_an_uninterrupted_run_bitwise(tmp_path):
     again = launch([*overrides, f"checkpoint.dir={tmp_path}/killed"])
     out, _ = again.communicate(timeout=200)
     assert again.returncode == 0, out[-3000:]
-    assert "at step 2" in out and "step 1/6" not in out
+    assert recorded_steps(tmp_path / "killed")[-4:] == [3, 4, 5, 6]  # resumed after step 2, not from the start
+    assert recorded_steps(tmp_path / "killed").count(1) == 1
 
     # killed while writing the step-4 checkpoint: step 2's is the one that loads
     saving = launch([*overrides, f"checkpoint.dir={tmp_path}/saving"])
@@ -86,7 +94,7 @@ def test_sigkill_then_relaunch_matches_an_uninterrupted_run_bitwise(tmp_path):
     again = launch([*overrides, f"checkpoint.dir={tmp_path}/saving"])
     out, _ = again.communicate(timeout=200)
     assert again.returncode == 0, out[-3000:]
-    assert "at step 2" in out
+    assert recorded_steps(tmp_path / "saving")[-4:] == [3, 4, 5, 6]  # resumed from step 2's checkpoint
 
     assert sorted(final_metrics(tmp_path / "whole")) == [1, 2, 3, 4, 5, 6]
     for run in ("killed", "saving"):

@@ -52,9 +52,9 @@ CONTEXT_BYTES = 3 * GIB
 # bytes per parameter the optimizer keeps beyond the model's own weights and gradients:
 # Adam's m and v, SGD's momentum (Megatron's SGD uses momentum), all fp32
 OPTIMIZER_STATE_BYTES = {"adam": 8, "sgd": 4}
-# TeacherSignal per token: token_logprobs, entropy, logsumexp (fp32) and valid (bool);
-# per top-k entry: an int32 id and an fp32 log-prob
-SIGNAL_TOKEN_BYTES = 3 * 4 + 1
+# TeacherSignal per token: token_logprobs, entropy (fp32) and valid (bool); per top-k entry:
+# an int32 id and an fp32 log-prob
+SIGNAL_TOKEN_BYTES = 2 * 4 + 1
 SIGNAL_TOPK_BYTES = 4 + 4
 
 
@@ -236,7 +236,7 @@ def request_lengths(config: RunConfig) -> dict:
     """The longest prompt + budget each generator is asked for: the student's rollouts and
     evaluations, the teacher's prefixes (what sizes their KV caches)."""
     r = config.rollout
-    return {"student": config.data.max_prompt_tokens + max(r.sampling.max_new_tokens, config.eval.max_new_tokens),
+    return {"student": config.data.max_prompt_tokens + max(r.sampling.max_new_tokens, config.eval_max_new_tokens()),
             "teacher": config.data.max_prompt_tokens + max(r.prefix_tokens_start, r.prefix_tokens_end, 1)}
 
 

@@ -23,8 +23,9 @@ from .megatron.rollout import RolloutConfig
 @dataclass
 class ModelSpec:
     model: ModelConfig
-    # a Megatron checkpoint: a run's checkpoint root (its ``latest``) or one ``step_*`` folder.
-    # None: random weights, acceptable only for smoke tests (the trainer says so loudly).
+    # the weights: a Hugging Face folder (config.json + *.safetensors), a run's checkpoint root
+    # (its ``latest``) or one ``step_*`` folder. None: random weights, acceptable only for smoke
+    # tests (the trainer says so loudly).
     checkpoint: Optional[str] = None
 
 
@@ -101,7 +102,7 @@ class EvalConfig:
     samples: int = 1  # n of avg@n
     temperature: float = 1.0  # with samples > 1; one sample is greedy
     max_problems: int = 0  # 0: all
-    max_new_tokens: int = 256
+    max_new_tokens: Optional[int] = None  # None: the rollouts' budget (rollout.sampling.max_new_tokens)
 
 
 @dataclass
@@ -123,6 +124,10 @@ class RunConfig:
     # the teacher's own tokenizer when its end-of-turn token differs from the student's (the
     # vocabulary must be the same); None: the student's ``tokenizer``
     teacher_tokenizer: Optional[str] = None
+
+    def eval_max_new_tokens(self) -> int:
+        """The evaluation budget: ``eval.max_new_tokens``, else the rollouts'."""
+        return self.eval.max_new_tokens or self.rollout.sampling.max_new_tokens
 
 
 def leaf_keys(config, prefix: str = "") -> list[str]:

@@ -206,7 +206,7 @@ class Trainer:
         e = self.cfg.eval
         results = os.path.join(self.cfg.checkpoint.dir, "eval", f"step_{self.step:08d}.jsonl")
         result = evaluate(self.student_generator, self.eval_problems, self.tokenizer.decode, samples=e.samples,
-                          temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=self.cfg.schedule.seed,
+                          temperature=e.temperature, max_new_tokens=self.cfg.eval_max_new_tokens(), seed=self.cfg.schedule.seed,
                           results_path=results).as_dict()
         result["step"] = self.step
         self.state.eval.append(result)

@@ -52,8 +52,8 @@ def problems(cfg: RunConfig, world_size: int) -> list[str]:
         if longest > model.max_sequence_length:
             out.append(f"data.max_prompt_tokens={prompt} + rollout.sampling.max_new_tokens={s.max_new_tokens} = "
                        f"{longest} exceeds {what}.model.max_sequence_length={model.max_sequence_length}")
-    if cfg.eval.path and prompt + cfg.eval.max_new_tokens > student.max_sequence_length:
-        out.append(f"data.max_prompt_tokens={prompt} + eval.max_new_tokens={cfg.eval.max_new_tokens} exceeds "
+    if cfg.eval.path and prompt + cfg.eval_max_new_tokens() > student.max_sequence_length:
+        out.append(f"data.max_prompt_tokens={prompt} + eval.max_new_tokens={cfg.eval_max_new_tokens()} exceeds "
                    f"student.model.max_sequence_length={student.max_sequence_length}")
     if r.packing and r.row_tokens and r.row_tokens < longest - 1:
         out.append(f"rollout.row_tokens={r.row_tokens} cannot hold a rollout of data.max_prompt_tokens + "

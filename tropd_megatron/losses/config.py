@@ -1,6 +1,6 @@
 """Objective configurations: the one place where their defaults live.
 
-Equations: ../shared/design.md section 2 (and docs in README.md). Every objective's
+Equations: docs/losses.md ("Objectives and their defaults"). Every objective's
 reward-weighted term -A * log p_S(y) becomes the PPO-clipped importance-ratio form when
 rollout-time log-probs are passed (stale rollouts); on-policy it has the same gradient.
 """

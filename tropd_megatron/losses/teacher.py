@@ -14,7 +14,7 @@ from .vocab import check_topk, shard_statistics
 class TeacherSignal:
     """Per-token teacher statistics over the full vocabulary, identical on every TP rank.
 
-    Shapes: token_logprobs, entropy, logsumexp, valid [B, S]; topk_ids, topk_logprobs
+    Shapes: token_logprobs, entropy, valid [B, S]; topk_ids, topk_logprobs
     [B, S, k] sorted by descending probability. ``valid`` is False where a teacher logit in
     the real vocabulary was non-finite: those tokens are masked out of the loss, and their
     other fields are zero. Ids are int32 and log-probs fp32 (cache size ~k * 8 bytes/token).
@@ -22,7 +22,6 @@ class TeacherSignal:
 
     token_logprobs: torch.Tensor
     entropy: torch.Tensor
-    logsumexp: torch.Tensor
     topk_ids: torch.Tensor
     topk_logprobs: torch.Tensor
     valid: torch.Tensor
@@ -37,9 +36,6 @@ class TeacherSignal:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors())
-
-    def to(self, device) -> "TeacherSignal":
-        return TeacherSignal(*(t.to(device) for t in self._tensors()))
 
     def _tensors(self):
         return [getattr(self, f.name) for f in fields(self)]
@@ -77,12 +73,10 @@ class TeacherSignal:
             x = x.float()
             return torch.where(valid.view(-1, *([1] * (x.dim() - 1))), x, zero)
 
-        lse = clean(stats.lse)
         B, S = target_ids.shape
         return cls(
             token_logprobs=clean(stats.logits_at_ids[:, 0] - stats.lse).view(B, S),
             entropy=clean(stats.entropy).view(B, S),
-            logsumexp=lse.view(B, S),
             topk_ids=torch.where(valid[:, None], stats.topk_ids, 0).to(torch.int32).view(B, S, topk),
             topk_logprobs=clean(stats.topk_logits - stats.lse[:, None]).view(B, S, topk),
             valid=valid.view(B, S),
