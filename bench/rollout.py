@@ -19,7 +19,6 @@ Time: the median of ``--repeats`` calls after a warm-up call, on the slowest ran
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import statistics
@@ -27,15 +26,7 @@ import time
 
 import torch
 import torch.distributed as dist
-
-
-def lengths(n: int, median: int, tail: float, sigma: float, seed: int) -> list[int]:
-    """n log-normal lengths with this median, clipped to [1, tail x median]; the longest is
-    set to tail x median so the tail is always there."""
-    rng = random.Random(seed)
-    out = [min(max(1, round(median * math.exp(sigma * rng.gauss(0, 1)))), round(tail * median)) for _ in range(n)]
-    out[rng.randrange(n)] = round(tail * median)
-    return out
+from mix import add_mix_arguments, long_tailed_lengths
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -54,9 +45,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--median", type=int, default=24, help="median response length (tokens)")
-    p.add_argument("--tail", type=float, default=8.0, help="the longest response, as a multiple of the median")
-    p.add_argument("--sigma", type=float, default=0.8, help="log-normal spread of the lengths")
+    add_mix_arguments(p, median=24)
     p.add_argument("--concurrency", type=int, default=16, help="sequences generated at once, both engines")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--layers", type=int, default=4)
@@ -75,7 +64,7 @@ def main(argv=None) -> list[dict]:
     tp = int(os.environ.get("WORLD_SIZE", 1))
     parallel = ParallelConfig(tensor=tp)
     initialize(parallel, seed=args.seed)
-    budgets = lengths(args.requests, args.median, args.tail, args.sigma, args.seed)
+    budgets = long_tailed_lengths(args.requests, args.median, args.tail, args.sigma, random.Random(args.seed))
     rng = random.Random(args.seed + 1)
     prompts = [[rng.randrange(args.vocab) for _ in range(rng.randint(args.prompt_tokens // 2, args.prompt_tokens))]
                for _ in range(args.requests)]

@@ -25,12 +25,7 @@ import time
 
 import torch
 import torch.distributed as dist
-
-
-def lengths(n: int, median: int, tail: float, sigma: float, rng) -> list[int]:
-    out = [min(max(1, round(median * math.exp(sigma * rng.gauss(0, 1)))), round(tail * median)) for _ in range(n)]
-    out[rng.randrange(n)] = round(tail * median)  # the tail is always there
-    return out
+from mix import add_mix_arguments, long_tailed_lengths
 
 
 def reset_peak() -> int:
@@ -61,9 +56,7 @@ def _status(field: str) -> int:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rollouts", type=int, default=64)
-    p.add_argument("--median", type=int, default=64, help="median response length (tokens)")
-    p.add_argument("--tail", type=float, default=8.0, help="the longest response, as a multiple of the median")
-    p.add_argument("--sigma", type=float, default=0.8)
+    add_mix_arguments(p, median=64)
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompts of half to this many tokens")
     p.add_argument("--micro-batch", type=int, default=4, help="rows per micro-batch, both layouts")
     p.add_argument("--layers", type=int, default=4)
@@ -84,7 +77,7 @@ def main(argv=None) -> list[dict]:
     parallel = ParallelConfig(tensor=world)
     initialize(parallel, seed=args.seed)
     rng = random.Random(args.seed)
-    responses = lengths(args.rollouts, args.median, args.tail, args.sigma, rng)
+    responses = long_tailed_lengths(args.rollouts, args.median, args.tail, args.sigma, rng)
     rollouts = []
     for n in responses:
         prompt = [rng.randrange(1, args.vocab) for _ in range(rng.randint(args.prompt_tokens // 2, args.prompt_tokens))]
