@@ -51,7 +51,8 @@ $(VENV019)/.installed: setup.py
 
 test-mcore019: $(VENV019)/.installed
 	$(VENV019)/bin/python -m pytest -q tests/test_megatron_step.py tests/test_generation.py tests/test_rollout.py \
-		tests/test_evaluation.py tests/test_hf_checkpoint.py tests/test_tokenizer.py
+		tests/test_evaluation.py tests/test_hf_checkpoint.py tests/test_tokenizer.py tests/test_packing.py \
+		tests/test_distributed_optimizer.py
 
 # On a machine with a GPU: its own Python with CUDA torch and this project's `megatron` and `dev`
 # extras (pip install -e ".[megatron,dev]"; add TransformerEngine and flash-attn for their tests).
