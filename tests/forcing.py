@@ -9,6 +9,8 @@ def bias_token(gpt, token: int, bias: float):
     hook handle."""
     from megatron.core import parallel_state
 
+    if not hasattr(gpt, "output_layer"):  # not the last pipeline stage: no logits here
+        return None
     weight = gpt.output_layer.weight if gpt.output_layer.weight is not None else gpt.shared_embedding_or_output_weight()
     local = weight.shape[0]
     full = local * parallel_state.get_tensor_model_parallel_world_size()

@@ -233,3 +233,30 @@ def test_continuous_batching_takes_fewer_forwards_than_static_batches(runs):
 @pytest.mark.parametrize("name", ENGINES)
 def test_nonfinite_logits_are_refused_naming_the_model(runs, name):
     assert runs[(name, 1)][0]["refused"].startswith("teacher: NaN or +inf logits while generating")
+
+
+def _pipeline_worker(rank, world, root, pp):
+    from tropd_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    initialize(ParallelConfig(1, pp), seed=0)
+    model = build_gpt(CONFIG, ParallelConfig(1, pp))
+    if pp == 1:
+        save_checkpoint(root, 0, model)
+    else:
+        load_checkpoint(latest_checkpoint(root), model)  # the PP = 1 weights, split over two stages
+    out = {}
+    for name in ENGINES:
+        gen = Generator(model, CONFIG, eos_id=EOS, engine=engine(name))
+        out[name] = [(g.tokens, g.logprobs) for g in gen.generate(PROMPTS, SamplingConfig(top_k=1),
+                                                                  max_new_tokens=BUDGETS)]
+    return out
+
+
+def test_both_engines_generate_across_pipeline_stages(tmp_path):
+    """PP = 2 (the logits broadcast from the last stage): the tokens and log-probs of PP = 1."""
+    reference = run_workers(_pipeline_worker, 1, str(tmp_path), 1)[0]
+    for rank in run_workers(_pipeline_worker, 2, str(tmp_path), 2, timeout=150):
+        for name in ENGINES:
+            assert [t for t, _ in rank[name]] == [t for t, _ in reference[name]], name
+            for (_, got), (_, expected) in zip(rank[name], reference[name]):
+                np.testing.assert_allclose(got, expected, atol=LOGPROB_ATOL, rtol=0)

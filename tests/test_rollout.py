@@ -128,8 +128,8 @@ TEACHER = ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=4, ffn_h
                       padded_vocab_size=64, max_sequence_length=48, init_method_std=0.3)
 
 
-def _iteration_worker(rank, world, path, sp):
-    parallel = ParallelConfig(2, 1, sequence_parallel=sp)
+def _iteration_worker(rank, world, path, tp, pp, sp):
+    parallel = ParallelConfig(tp, pp, sequence_parallel=sp)
     initialize(parallel, seed=0)
     teacher = build_gpt(TEACHER, parallel, frozen=True)
     student = build_student(STUDENT, parallel, OptimConfig(lr=1e-2), total_steps=2)
@@ -170,12 +170,13 @@ def _iteration_worker(rank, world, path, sp):
     )
 
 
-@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sequence-parallel"])
-def test_full_iteration_at_tp2(tmp_path, sp):
-    """Two iterations (dynamic engine, packed micro-batches, the distributed optimizer), with
-    and without sequence parallelism."""
+@pytest.mark.parametrize("tp, pp, sp", [(2, 1, False), (2, 1, True), (1, 2, False)],
+                         ids=["tp2", "tp2-sequence-parallel", "pp2"])
+def test_full_iteration(tmp_path, tp, pp, sp):
+    """Two iterations (dynamic engine, packed micro-batches, the distributed optimizer) at
+    TP = 2, TP = 2 with sequence parallelism and PP = 2."""
     path = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"prompt": f"{a}+{b}="}) for a in range(3) for b in range(3)])
-    ranks = run_workers(_iteration_worker, 2, path, sp, timeout=180)
+    ranks = run_workers(_iteration_worker, 2, path, tp, pp, sp, timeout=180)
     for r in ranks:
         assert r["prefixed"] == 2 and len(r["checks"]) == 2 and all(r["checks"]), r["checks"]
         assert r["student_changed"] and r["teacher_same"] and r["train_mode"]
@@ -183,12 +184,15 @@ def test_full_iteration_at_tp2(tmp_path, sp):
         for m, sec in zip(r["metrics"], r["seconds"]):
             assert m["rollouts"] == 4 and m["response_tokens"] > 0 and m["tokens_per_second"] > 0
             assert set(sec) == {"rollout", "teacher", "student", "optimizer", "total"}
-        assert r["metrics"][0]["prefix_tokens"] > 0 and r["metrics"][0]["prefixed_fraction"] == 0.5
+        assert r["metrics"][0]["prefixed_fraction"] == 0.5
         # rollouts that stopped end with the end token and its log-prob; the rest used the budget
         assert any(stopped for _, stopped, _, _ in r["ends"]) and not all(stopped for _, stopped, _, _ in r["ends"])
         for ends_with_eos, stopped, has_logprobs, length in r["ends"]:
             assert ends_with_eos == stopped and has_logprobs and (stopped or length == 8)
         assert any(m["stopped_fraction"] > 0 for m in r["metrics"])
-        for m in r["metrics"]:  # every generated token is a loss token, the end tokens too
-            assert m["tokens"] == m["response_tokens"]
-    assert ranks[0]["metrics"][1]["loss"] == ranks[1]["metrics"][1]["loss"]
+    last = ranks[-1]["metrics"]  # the loss metrics live on the last pipeline stage
+    assert last[0]["prefix_tokens"] > 0
+    for m in last:  # every generated token is a loss token, the end tokens too
+        assert m["tokens"] == m["response_tokens"]
+    if pp == 1:  # both TP ranks hold the same reduced metrics
+        assert ranks[0]["metrics"][1]["loss"] == ranks[1]["metrics"][1]["loss"]

@@ -13,7 +13,7 @@ unchanged. On CPU it:
   pure-torch paged-KV attention in place of flash-attn's ``flash_attn_varlen_func`` (prefill
   and mixed steps) and ``flash_attn_with_kvcache`` (decode steps), the flash-attn version
   check answered, triton's KV-append kernel off (it asserts CUDA tensors), steps not padded
-  to 64 tokens.
+  to 64 tokens, the pipeline-parallel logits broadcast's CUDA-tensor assert answered.
 Callers must still pass an explicit attention mask (None reaches a "cuda" literal), keep
 ``sequence_parallel`` off (torch norms fail with it on CPU) and use ``batch_p2p_sync=False``.
 """
@@ -166,6 +166,10 @@ def _nvtx_noop(*args, **kwargs):
     return None
 
 
+def _is_a_tensor(tensor) -> None:
+    assert tensor is not None
+
+
 def _enable_dynamic_inference() -> None:
     """The dynamic engine's CUDA-only pieces, in the modules that bound them at import."""
     import importlib
@@ -179,6 +183,8 @@ def _enable_dynamic_inference() -> None:
     attention.is_fa_min_version = lambda *a, **k: True  # the dynamic path's flash-attn version assert
     attention.flash_attn_varlen_func = _flash_attn_varlen_func
     attention.flash_attn_with_kvcache = _flash_attn_with_kvcache
+    communication = importlib.import_module("megatron.core.inference.communication_utils")
+    communication._is_cuda = _is_a_tensor  # pipeline-parallel generation asserts CUDA tensors
     context = importlib.import_module("megatron.core.inference.contexts.dynamic_context")
     # steps are padded to multiples of 64 tokens for GPU kernel and CUDA-graph shapes; on the
     # CPU the padding is compute (4x on a mixed step of a few prompts)
