@@ -20,13 +20,17 @@ from tqdm import tqdm
 
 logger = logging.getLogger("tropd_megatron")
 
-# megatron-core's notices on every rank at import or model build, harmless here: the local
-# layers and torch's optimizers are the intended fallback without TransformerEngine / apex;
+# megatron-core's notices on every rank, harmless here: the local layers and torch's
+# optimizers are the intended fallback without TransformerEngine / apex;
 # CUDA_DEVICE_MAX_CONNECTIONS matters only on GPUs (the Slurm script sets it); the deprecated
-# default cuda_graph_scope is never used (no CUDA graphs)
+# default cuda_graph_scope is never used (no CUDA graphs); its distributed optimizer calls
+# torch's older collective names and reads .grad of its main-parameter shards (views, so
+# torch warns they are not leaves; it sets them itself)
 KNOWN_HARMLESS = (r"Apex is not installed", r"Transformer Engine and Apex are not installed",
-                  r"Using a large value for CUDA_DEVICE_MAX_CONNECTIONS|CUDA_DEVICE_MAX_CONNECTIONS",
-                  r"full scope is deprecated")
+                  r"CUDA_DEVICE_MAX_CONNECTIONS", r"full scope is deprecated",
+                  r"`torch.distributed.reduce_scatter_tensor` is deprecated",
+                  r"`torch.distributed.all_gather_into_tensor` is deprecated",
+                  r"The .grad attribute of a Tensor that is not a leaf Tensor is being accessed")
 
 
 def quiet_known_warnings() -> None:

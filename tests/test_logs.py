@@ -1,0 +1,32 @@
+"""One logging setup: known-harmless megatron-core warnings are quiet and every other warning
+shows; every numeric metric reaches metrics.jsonl and TensorBoard (no allow-list)."""
+import subprocess
+import sys
+
+
+def test_only_the_named_warnings_are_quieted():
+    code = ("import warnings; from tropd_megatron.logs import quiet_known_warnings; quiet_known_warnings(); "
+            "warnings.warn('Apex is not installed. Falling back to Torch Norm'); "
+            "warnings.warn('full scope is deprecated. Use empty cuda_graph_scope'); "
+            "warnings.warn('a warning of your own')")
+    out = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=60)
+    assert "a warning of your own" in out.stderr
+    assert "Apex" not in out.stderr and "full scope" not in out.stderr
+
+
+def test_every_numeric_metric_is_written(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tropd_megatron.logs import MetricsWriter, read_metrics
+
+    writer = MetricsWriter(str(tmp_path), str(tmp_path / "tb"))
+    metrics = {"loss": 1.5, "a_metric_added_later": 0.25, "skipped_update": True, "skip_reason": None, "tokens": 7}
+    writer.step(1, metrics, {"rollout": 0.5})
+    writer.step(2, {**metrics, "loss": 1.0}, {"rollout": 0.4})
+    writer.close()
+    assert read_metrics(tmp_path)[2]["loss"] == 1.0 and read_metrics(tmp_path)[1]["a_metric_added_later"] == 0.25
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/a_metric_added_later", "train/skipped_update", "train/tokens", "time/rollout"} <= tags
+    assert "train/skip_reason" not in tags
