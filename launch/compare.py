@@ -116,7 +116,7 @@ def save(path: str, data: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def report(data: dict, out: str, variants: list, lrs, seeds) -> str:
+def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
     runs = data["runs"]
     protocol = data["protocol"]
     lines = ["# Objectives compared on the built-in tiny task", "",
@@ -164,6 +164,30 @@ def report(data: dict, out: str, variants: list, lrs, seeds) -> str:
                      + f" | {mean:.3f} ± {sd:.3f} | [{mean - half:.3f}, {mean + half:.3f}] | "
                      f"{statistics.fmean(r['response_length'] for r in done):.1f} | "
                      f"{statistics.fmean(r['stopped_fraction'] for r in done):.2f} |")
+    if summary:
+        lines += ["", "Reading the intervals:"]
+        ranked = sorted(summary, key=lambda v: -summary[v][0])
+        best = ranked[0]
+
+        def overlaps(a, b):  # the two 95% intervals share a point
+            (ma, _, ha), (mb, _, hb) = summary[a], summary[b]
+            return ma - ha <= mb + hb and mb - hb <= ma + ha
+
+        tied = [v for v in ranked[1:] if overlaps(best, v)]
+        lines.append(f"- Highest mean: {best}; its 95% interval overlaps "
+                     + (", ".join(tied) if tied else "no other row's") + ".")
+        if "OPD" in summary:
+            above = [v for v in ranked if v != "OPD" and summary[v][0] - summary[v][2] > summary["OPD"][0]
+                     + summary["OPD"][2]]
+            below = [v for v in ranked if v != "OPD" and summary[v][0] + summary[v][2] < summary["OPD"][0]
+                     - summary["OPD"][2]]
+            lines.append("- Intervals entirely above OPD's: " + (", ".join(above) or "none")
+                         + "; entirely below: " + (", ".join(below) or "none")
+                         + "; every other row overlaps OPD's, so no ordering against OPD is claimed for it.")
+    seconds = run_seconds(root, runs)
+    if seconds:
+        lines += ["", f"Compute: {len(runs)} runs, {seconds / 3600:.1f} hours of wall time on this machine (each "
+                      "run's folder, first file to last)."]
     lines += ["", "## The paper's ablation chain", "",
               "| step | row | here: test avg@1 (mean ± sd) | paper: math average |", "|---|---|---:|---:|"]
     for step, row, paper in PAPER_ABLATION:
@@ -175,6 +199,19 @@ def report(data: dict, out: str, variants: list, lrs, seeds) -> str:
     os.replace(out + ".md.tmp", out + ".md")
     plot(runs, variants, lrs, seeds, out + ".png")
     return text
+
+
+def run_seconds(root: str, runs: dict) -> float:
+    """Wall time of the recorded runs: each run folder's config.yaml to its test results."""
+    total = 0.0
+    for key in runs:
+        folder = os.path.join(root, "compare", key)
+        try:
+            total += os.path.getmtime(os.path.join(folder, "test.jsonl")) - os.path.getmtime(
+                os.path.join(folder, "config.yaml"))
+        except OSError:
+            continue
+    return total
 
 
 def plot(runs: dict, variants: list, lrs, seeds, path: str) -> None:
@@ -281,7 +318,7 @@ def main(argv=None) -> None:
         todo = more
     if logging_rank():
         save(path, data)
-        print(report(data, args.out, variants, lrs, seeds), flush=True)
+        print(report(data, args.out, variants, lrs, seeds, args.root), flush=True)
     dist.barrier()
 
 
