@@ -1,4 +1,5 @@
-"""The long-tailed length mix the benchmarks share: the shape of reasoning traces."""
+"""What the model benchmarks share: the long-tailed length mix (the shape of reasoning
+traces), the model-size options and where the table goes."""
 import math
 
 
@@ -14,3 +15,22 @@ def add_mix_arguments(parser, *, median: int) -> None:
     parser.add_argument("--median", type=int, default=median, help="median response length (tokens)")
     parser.add_argument("--tail", type=float, default=8.0, help="the longest response, as a multiple of the median")
     parser.add_argument("--sigma", type=float, default=0.8, help="log-normal spread of the lengths")
+
+
+def add_model_arguments(parser, *, vocab: int) -> None:
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=vocab)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", help="also write the table to this file (rank 0)")
+
+
+def publish(lines: list[str], markdown: str | None) -> None:
+    """Print the table, and write it to ``markdown`` when given."""
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write(text + "\n")

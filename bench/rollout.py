@@ -26,7 +26,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from mix import add_mix_arguments, long_tailed_lengths
+from mix import add_mix_arguments, add_model_arguments, publish, long_tailed_lengths
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -48,14 +48,8 @@ def main(argv=None) -> list[dict]:
     add_mix_arguments(p, median=24)
     p.add_argument("--concurrency", type=int, default=16, help="sequences generated at once, both engines")
     p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--block", type=int, default=256, help="the dynamic engine's KV block size (tokens)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--markdown", help="also write the table to this file (rank 0)")
+    add_model_arguments(p, vocab=512)
     args = p.parse_args(argv)
 
     from tropd_megatron.megatron import ModelConfig, ParallelConfig, build_gpt, initialize
@@ -118,11 +112,7 @@ def main(argv=None) -> list[dict]:
                      f"{dynamic['tokens_per_second'] / static['tokens_per_second']:.2f}x | "
                      f"{dynamic['forward_passes'] / static['forward_passes']:.2f}x | "
                      f"{dynamic['kv_bytes'] / static['kv_bytes']:.2f}x |")
-        text = "\n".join(lines)
-        print(text, flush=True)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(text + "\n")
+        publish(lines, args.markdown)
     dist.barrier()
     return rows
 

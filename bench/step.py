@@ -25,7 +25,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from mix import add_mix_arguments, long_tailed_lengths
+from mix import add_mix_arguments, add_model_arguments, publish, long_tailed_lengths
 
 
 def reset_peak() -> int:
@@ -59,13 +59,7 @@ def main(argv=None) -> list[dict]:
     add_mix_arguments(p, median=64)
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompts of half to this many tokens")
     p.add_argument("--micro-batch", type=int, default=4, help="rows per micro-batch, both layouts")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--markdown", help="also write the table to this file (rank 0)")
+    add_model_arguments(p, vocab=2048)
     args = p.parse_args(argv)
 
     from tropd_megatron.losses import TrOPDConfig
@@ -134,11 +128,7 @@ def main(argv=None) -> list[dict]:
         lines.append(f"| padded / packed | | {removed:.2f}x | | | {speedup:.2f}x | {padded['peak'] / packed['peak']:.2f}x |")
         lines += ["", f"padding removed: {removed:.2f}x fewer tokens computed; step speed-up {speedup:.2f}x = "
                       f"{speedup / removed:.0%} of it; packed computes {packed['per_real']:.3f} tokens per real token"]
-        text = "\n".join(lines)
-        print(text, flush=True)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(text + "\n")
+        publish(lines, args.markdown)
     dist.barrier()
     return rows
 

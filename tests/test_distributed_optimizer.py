@@ -13,17 +13,11 @@ from distributed import run_workers
 
 pytest.importorskip("megatron.core")
 
-from tropd_megatron.losses import TrOPDConfig  # noqa: E402
-from tropd_megatron.megatron import ModelConfig, OptimConfig, ParallelConfig, build_gpt, build_student  # noqa: E402
-from tropd_megatron.megatron import MicroBatch, initialize, train_step  # noqa: E402
+from step_models import OBJECTIVE, STUDENT, TEACHER, VOCAB, random_microbatches  # noqa: E402
+from tropd_megatron.megatron import OptimConfig, ParallelConfig, build_gpt, build_student  # noqa: E402
+from tropd_megatron.megatron import initialize, train_step  # noqa: E402
 from tropd_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 
-VOCAB = 60
-STUDENT = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                      vocab_size=VOCAB, padded_vocab_size=64, max_sequence_length=16)
-TEACHER = ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=4, ffn_hidden_size=96, vocab_size=VOCAB,
-                      padded_vocab_size=64, max_sequence_length=16, init_method_std=0.3)
-OBJECTIVE = TrOPDConfig(topk=8, seed=3)
 STEPS = 3
 # fp32 parity: the data-parallel and tensor-parallel splits change the gradient's summation
 # order, and Adam divides by sqrt(v): an element whose gradient is near zero moves by up to lr
@@ -34,14 +28,7 @@ RTOL, ATOL = 1e-4, 2e-5
 
 def batches(step):
     """Four micro-batches of a step (data-parallel ranks take their share)."""
-    g = torch.Generator().manual_seed(200 + step)
-    out = []
-    for _ in range(4):
-        tokens = torch.randint(0, VOCAB, (2, 8), generator=g)
-        mask = torch.ones(2, 8)
-        mask[:, :2] = 0
-        out.append(MicroBatch(tokens=tokens, labels=torch.roll(tokens, -1, 1), loss_mask=mask))
-    return out
+    return random_microbatches(200 + step, 4)
 
 
 def _setup(root, tp, distributed):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from distributed import run_workers
-from tropd_megatron.losses import DenseKLConfig, SFTConfig, TrOPDConfig
+from tropd_megatron.losses import DenseKLConfig, SFTConfig
 
 pytest.importorskip("megatron.core")
 
@@ -31,28 +31,15 @@ from tropd_megatron.megatron import (  # noqa: E402
 )
 from tropd_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from tropd_megatron.megatron.step import SpikeGuard  # noqa: E402
+from step_models import OBJECTIVE, STUDENT, TEACHER, VOCAB, random_microbatches  # noqa: E402
 
-VOCAB = 60
-STUDENT = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                      vocab_size=VOCAB, padded_vocab_size=64, max_sequence_length=16)
-# a sharp teacher (large init scale) against a near-uniform student: trust and outliers mix
-TEACHER = ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=4, ffn_hidden_size=96,
-                      vocab_size=VOCAB, padded_vocab_size=64, max_sequence_length=16, init_method_std=0.3)
-OBJECTIVE = TrOPDConfig(topk=8, seed=3)
 STEPS = 3
 # Parity tolerance: TP / PP change fp32 summation order (matmul splits, all-reduces).
 RTOL, ATOL = 1e-4, 1e-6
 
 
 def microbatches(step):
-    g = torch.Generator().manual_seed(100 + step)
-    out = []
-    for _ in range(2):
-        tokens = torch.randint(0, VOCAB, (2, 8), generator=g)
-        mask = torch.ones(2, 8)
-        mask[:, :2] = 0  # prompt positions
-        out.append(MicroBatch(tokens=tokens, labels=torch.roll(tokens, -1, 1), loss_mask=mask))
-    return out
+    return random_microbatches(100 + step, 2)
 
 
 def state_of(model):

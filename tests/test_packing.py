@@ -4,6 +4,7 @@ TP = 1, TP = 2, PP = 2 and DP = 2, with teacher prefixes and the stochastic trus
 no sequence sees another."""
 import os
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,18 +14,15 @@ from distributed import run_workers
 
 pytest.importorskip("megatron.core")
 
-from tropd_megatron.losses import TrOPDConfig  # noqa: E402
-from tropd_megatron.megatron import ModelConfig, OptimConfig, ParallelConfig, build_gpt, build_student  # noqa: E402
+import step_models  # noqa: E402
+from step_models import OBJECTIVE, VOCAB  # noqa: E402
+from tropd_megatron.megatron import OptimConfig, ParallelConfig, build_gpt, build_student  # noqa: E402
 from tropd_megatron.megatron import initialize, train_step  # noqa: E402
 from tropd_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from tropd_megatron.megatron.rollout import Rollout, to_microbatches  # noqa: E402
 
-VOCAB, EOS = 60, 0
-STUDENT = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                      vocab_size=VOCAB, padded_vocab_size=64, max_sequence_length=64)
-TEACHER = ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=4, ffn_hidden_size=96, vocab_size=VOCAB,
-                      padded_vocab_size=64, max_sequence_length=64, init_method_std=0.3)
-OBJECTIVE = TrOPDConfig(topk=8, seed=3)  # stochastic trust, forward-KL outliers, prefix guidance
+EOS = 0
+STUDENT, TEACHER = (replace(m, max_sequence_length=64) for m in (step_models.STUDENT, step_models.TEACHER))
 ROW = 48  # tokens per packed row
 RTOL, ATOL = 1e-4, 1e-6  # fp32: packing changes the attention's summation order and the micro-batch split
 
