@@ -145,6 +145,9 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
             r = runs.get(run_key(v, lr, seeds[0]))
             cells.append("—" if r is None else f"{selection_score(r):.3f}{' *' if lr == best else ''}")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    edge = [f"{v} ({chosen_lr(runs, v, lrs):g})" for v in variants if chosen_lr(runs, v, lrs) in (min(lrs), max(lrs))]
+    if edge:
+        lines += ["", "Chosen at an end of the sweep, so a rate beyond it was not tried: " + ", ".join(edge) + "."]
     lines += ["", "## Test avg@1 at each objective's chosen rate", "",
               f"Before training the student scores {protocol['student_before_test']:.3f} on the test set and the "
               f"teacher {protocol['teacher_test']:.3f}.", "",

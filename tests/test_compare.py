@@ -52,6 +52,7 @@ def test_shortened_compare_follows_the_protocol_and_resumes(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith(("| OPD | 0", "| TrOPD mask | 0")) and "±" in line]
     assert len(rows) == 2 and all("[" in row for row in rows)  # mean ± sd and the 95% interval
     assert "| + trust-region mask | TrOPD mask |" in table and "47.72" in table
+    assert "Chosen at an end of the sweep, so a rate beyond it was not tried: OPD (" in table  # 2 rates: both ends
     assert "- Highest mean: " in table and "Intervals entirely above OPD's:" in table and "Compute: 6 runs" in table
     assert (tmp_path / "compare.png").stat().st_size > 1000
     second = run_compare(tmp_path)  # every run is on record: none is trained or even resumed
