@@ -119,6 +119,7 @@ def save(path: str, data: dict) -> None:
 def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
     runs = data["runs"]
     protocol = data["protocol"]
+    chosen = {v: chosen_lr(runs, v, lrs) for v in variants}  # None until a sweep is complete
     lines = ["# Objectives compared on the built-in tiny task", "",
              f"Made by `{protocol['command']}` ({protocol['compute']}).", "",
              "## Protocol (fixed before any result was seen)", "",
@@ -139,13 +140,12 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
              "## Learning-rate sweep (seed 0, validation avg@1, mean of the last evaluations; * chosen)", "",
              "| objective | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
     for v in variants:
-        best = chosen_lr(runs, v, lrs)
         cells = []
         for lr in lrs:
             r = runs.get(run_key(v, lr, seeds[0]))
-            cells.append("—" if r is None else f"{selection_score(r):.3f}{' *' if lr == best else ''}")
+            cells.append("—" if r is None else f"{selection_score(r):.3f}{' *' if lr == chosen[v] else ''}")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    edge = [f"{v} ({chosen_lr(runs, v, lrs):g})" for v in variants if chosen_lr(runs, v, lrs) in (min(lrs), max(lrs))]
+    edge = [f"{v} ({chosen[v]:g})" for v in variants if chosen[v] in (min(lrs), max(lrs))]
     if edge:
         lines += ["", "Chosen at an end of the sweep, so a rate beyond it was not tried: " + ", ".join(edge) + "."]
     lines += ["", "## Test avg@1 at each objective's chosen rate", "",
@@ -155,7 +155,7 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
               "response length | stopped fraction |", "|---|---:|" + "---:|" * (len(seeds) + 4)]
     summary = {}
     for v in variants:
-        lr = chosen_lr(runs, v, lrs)
+        lr = chosen[v]
         done = [runs.get(run_key(v, lr, s)) for s in seeds] if lr is not None else []
         if not done or any(r is None for r in done):
             lines.append(f"| {v} | {'—' if lr is None else f'{lr:g}'} | " + " | ".join(
@@ -200,7 +200,7 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
     with open(out + ".md.tmp", "w") as f:
         f.write(text)
     os.replace(out + ".md.tmp", out + ".md")
-    plot(runs, variants, lrs, seeds, out + ".png")
+    plot(runs, chosen, seeds, out + ".png")
     return text
 
 
@@ -217,15 +217,15 @@ def run_seconds(root: str, runs: dict) -> float:
     return total
 
 
-def plot(runs: dict, variants: list, lrs, seeds, path: str) -> None:
+def plot(runs: dict, chosen: dict, seeds, path: str) -> None:
+    """Validation curves (mean of the seeds run) of each objective at its chosen rate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for v in variants:
-        lr = chosen_lr(runs, v, lrs)
+    for v, lr in chosen.items():
         done = [runs[run_key(v, lr, s)] for s in seeds if lr is not None and run_key(v, lr, s) in runs]
         if not done:
             continue

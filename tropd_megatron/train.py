@@ -206,13 +206,13 @@ class Trainer:
         e = self.cfg.eval
         results = os.path.join(self.cfg.checkpoint.dir, "eval", f"step_{self.step:08d}.jsonl")
         result = evaluate(self.student_generator, self.eval_problems, self.tokenizer.decode, samples=e.samples,
-                          temperature=e.temperature, max_new_tokens=self.cfg.eval_max_new_tokens(), seed=self.cfg.schedule.seed,
-                          results_path=results).as_dict()
+                          temperature=e.temperature, max_new_tokens=self.cfg.eval_max_new_tokens(),
+                          seed=self.cfg.schedule.seed, results_path=results).as_dict()
         result["step"] = self.step
         self.state.eval.append(result)
         self.metrics.scalar(f"eval/avg@{e.samples}", result["avg_at_n"], self.step)
         logger.info(f"eval at step {self.step}: avg@{e.samples} {result['avg_at_n']:.3f} pass@{e.samples} "
-            f"{result['pass_at_n']:.3f} on {result['problems']} problems ({results})")
+                    f"{result['pass_at_n']:.3f} on {result['problems']} problems ({results})")
         return result
 
     def save(self) -> None:

@@ -14,8 +14,9 @@ unchanged. On CPU it:
   and mixed steps) and ``flash_attn_with_kvcache`` (decode steps), the flash-attn version
   check answered, triton's KV-append kernel off (it asserts CUDA tensors), steps not padded
   to 64 tokens, the pipeline-parallel logits broadcast's CUDA-tensor assert answered.
-Callers must still pass an explicit attention mask (None reaches a "cuda" literal), keep
-``sequence_parallel`` off (torch norms fail with it on CPU) and use ``batch_p2p_sync=False``.
+Callers must still pass an explicit attention mask (None reaches a "cuda" literal) and use
+``batch_p2p_sync=False``; sequence parallelism on Megatron's local layers takes the norm of
+``compat.gpt_decoder_spec`` (Megatron's torch norms refuse it, on CPU and GPU alike).
 """
 from __future__ import annotations
 

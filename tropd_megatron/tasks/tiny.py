@@ -51,7 +51,9 @@ def _write_jsonl(path: str, problems: list[Problem]) -> None:
 
 def write_task_files(root: str, cfg: TinyTaskConfig, template: str, train: list[Problem]) -> None:
     """Write the prompt files and tokenizer under ``root`` unless present (the tokenizer, written
-    last, marks a finished preparation); ``train`` is the training split. Call on one process."""
+    after the training and test files, marks them finished; the validation split, added later,
+    is checked on its own, so older preparations get it too); ``train`` is the training split.
+    Call on one process."""
     seen = frozenset(p.question for p in train)
     held_out = make_split(cfg.eval_problems, stream_seed(cfg.seed, "held_out_problems"), cfg.task, seen)
     if not os.path.exists(os.path.join(root, "tokenizer.model")):
@@ -60,7 +62,7 @@ def write_task_files(root: str, cfg: TinyTaskConfig, template: str, train: list[
         _write_jsonl(os.path.join(root, "held_out.jsonl"), held_out)
         SentencePieceTokenizer.train([f"{template.format(prompt=p.question)} {p.solution}" for p in train],
                                      os.path.join(root, "tokenizer.model"), cfg.vocab_size)
-    if not os.path.exists(os.path.join(root, "validation.jsonl")):  # (preparations made before it existed)
+    if not os.path.exists(os.path.join(root, "validation.jsonl")):
         validation = make_split(cfg.validation_problems, stream_seed(cfg.seed, "validation_problems"), cfg.task,
                                 seen | frozenset(p.question for p in held_out))
         _write_jsonl(os.path.join(root, "validation.jsonl"), validation)
