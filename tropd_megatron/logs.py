@@ -74,6 +74,12 @@ class _RankFilter(logging.Filter):
         return record.levelno >= logging.WARNING or logging_rank()
 
 
+class _Prefixed(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
 def configure() -> None:
     """Attach the handler (idempotent): plain messages, ``error:`` / ``warning:`` prefixed."""
     if any(isinstance(h, _AboveProgressBar) for h in logger.handlers):
@@ -84,12 +90,6 @@ def configure() -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-
-
-class _Prefixed(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        message = super().format(record)
-        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
 
 
 configure()
