@@ -28,8 +28,10 @@ bench: install
 
 # The demo's and the comparison's figures depend on float rounding, and CPU kernels round
 # differently by instruction set (AVX-512 / AMX against AVX2 gave other trajectories from the
-# same code and packages): pin every kernel library to AVX2, which every x86-64 server has.
-PINNED_ISA := ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+# same code and packages): pin PyTorch's own kernels and oneDNN to AVX2, which every x86-64
+# server has, and MKL (PyTorch's fp32 GEMMs) to its COMPATIBLE branch: MKL's AVX2 branch is
+# reproducible on Intel CPUs only (on others MKL falls back to its automatic dispatch).
+PINNED_ISA := ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX2
 
 # TrOPD on the built-in arithmetic task at TP = 2 on CPU; outputs in runs/demo (ARGS="--help").
 demo: install

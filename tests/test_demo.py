@@ -31,6 +31,14 @@ def test_shortened_demo_runs_every_phase(tmp_path):
     assert (tmp_path / "demo.png").stat().st_size > 1000
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
     assert "| student after 2 tropd steps |" in first.stdout
+    evals = []  # each evaluation's avg@1 from its per-problem results
+    for step in (0, 1, 2):
+        rows = [json.loads(line) for line in (tmp_path / "tropd" / "eval" / f"step_{step:08d}.jsonl").read_text().splitlines()]
+        evals.append(sum(r["score"] for r in rows) / len(rows))
+    assert summary["last_eval_steps"] == [0, 1, 2]  # LAST_EVALS of them: every evaluation of this short run
+    assert summary["student_accuracy_after"] == pytest.approx(evals[-1])
+    assert summary["student_accuracy_last_mean"] == pytest.approx(sum(evals) / 3)
+    assert "expected band: not compared" in first.stdout  # a shortened demo is not the default one
     assert sorted(os.listdir(tmp_path / "tropd" / "eval")) == [f"step_{s:08d}.jsonl" for s in (0, 1, 2)]
     made = {name: os.stat(tmp_path / name / "latest").st_mtime_ns for name in ("teacher", "student_init", "tropd")}
     records = (tmp_path / "tropd" / "metrics.jsonl").read_text()
@@ -40,6 +48,17 @@ def test_shortened_demo_runs_every_phase(tmp_path):
     assert {name: os.stat(tmp_path / name / "latest").st_mtime_ns for name in made} == made
     assert (tmp_path / "tropd" / "metrics.jsonl").read_text() == records
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+
+
+def test_the_band_check_says_inside_outside_or_not_compared():
+    from launch.demo import EXPECTED, band_lines
+
+    inside = {key: (low + high) / 2 for key, (low, high) in EXPECTED.items()}
+    assert all(" is inside " in line for line in band_lines(inside, overridden=False))
+    low = dict(inside, student_accuracy_last_mean=EXPECTED["student_accuracy_last_mean"][0] - 0.01)
+    assert [" is OUTSIDE " in line for line in band_lines(low, overridden=False)] == [False, True]
+    assert band_lines(low, overridden=True) == [band_lines(inside, overridden=True)[0]]
+    assert "not compared" in band_lines(low, overridden=True)[0]
 
 
 def test_demo_refuses_an_unknown_task_setting(tmp_path):

@@ -96,6 +96,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+    adam_eps: float = 1e-8  # Megatron's default
     clip_grad: float = 1.0
     # skip an update whose gradient norm (before clipping) exceeds spike_factor x the median of
     # the last spike_window applied updates' norms (from the 5th applied update on); 0: off

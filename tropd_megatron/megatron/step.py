@@ -156,7 +156,8 @@ def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConf
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer=optim.optimizer, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
-            adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, clip_grad=optim.clip_grad,
+            adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+            clip_grad=optim.clip_grad,
             bf16=model.dtype == "bf16", fp16=model.dtype == "fp16", params_dtype=model.torch_dtype,
             use_distributed_optimizer=distributed,
         ),
