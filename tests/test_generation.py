@@ -110,7 +110,8 @@ def _worker(rank, world, tp, name, sp=False):
     return dict(
         greedy=[g.tokens for g in greedy], greedy_logprobs=[g.logprobs for g in greedy],
         stopped=[g.stopped for g in greedy], forward_logprobs=[f[0] for f in forward],
-        forward_argmax=[f[1] for f in forward], margins=[f[2] for f in forward] + free_margins, sampled=[[g.tokens for g in run] for run in sampled],
+        forward_argmax=[f[1] for f in forward], margins=[f[2] for f in forward] + free_margins,
+        sampled=[[g.tokens for g in run] for run in sampled],
         sampled_logprobs=[g.logprobs for g in sampled[0]], sampled_forward=sampled_forward, alone=alone[0].tokens,
         free=[g.tokens for g in free], free_stopped=[g.stopped for g in free], end=end, k=k,
         ended=[g.tokens for g in ended], ended_stopped=[g.stopped for g in ended],
