@@ -40,6 +40,30 @@ class TeacherSignal:
     def _tensors(self):
         return [getattr(self, f.name) for f in fields(self)]
 
+    @staticmethod
+    def flat_size(shape, topk: int) -> int:
+        """Numbers in ``flat()`` of a signal of ``shape`` [B, S] and ``topk``."""
+        return (3 + 2 * topk) * shape[0] * shape[1]
+
+    def flat(self) -> torch.Tensor:
+        """The signal as one fp32 vector of ``flat_size`` numbers (ids bit-cast, ``valid`` as
+        0 / 1): what a collective moves to another rank, read back with ``from_flat``."""
+        return torch.cat([self.token_logprobs.reshape(-1), self.entropy.reshape(-1), self.valid.reshape(-1).float(),
+                          self.topk_ids.reshape(-1).view(torch.float32), self.topk_logprobs.reshape(-1)])
+
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, shape, topk: int) -> "TeacherSignal":
+        """The inverse of ``flat`` for a signal of ``shape`` [B, S]."""
+        B, S = shape
+        n = B * S
+        if flat.numel() != cls.flat_size(shape, topk):
+            raise ValueError(f"{flat.numel()} numbers for a teacher signal of shape {(B, S)} and top-k {topk}; "
+                             f"expected {cls.flat_size(shape, topk)}")
+        logprobs, entropy, valid, ids, top = flat.split([n, n, n, n * topk, n * topk])
+        return cls(token_logprobs=logprobs.view(B, S), entropy=entropy.view(B, S),
+                   topk_ids=ids.contiguous().view(torch.int32).view(B, S, topk),
+                   topk_logprobs=top.view(B, S, topk), valid=valid.view(B, S) > 0)
+
     @classmethod
     @torch.no_grad()
     def from_logits(

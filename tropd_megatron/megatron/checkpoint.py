@@ -26,6 +26,8 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from .groups import ModelGroups
+
 LATEST = "latest"
 TRAINER_STATE = "trainer.json"
 
@@ -119,7 +121,9 @@ def _steps_kept_while_loading():
 
 
 def _sharded_state(model, optimizer, is_loading: bool, optimizer_format: str) -> dict:
-    model_state = model.sharded_state_dict()
+    # replicas are told apart by the model's own data-parallel group (a teacher's may differ
+    # from the global one, which the default reads)
+    model_state = model.sharded_state_dict(metadata={"dp_cp_group": ModelGroups.of(model).pgs.dp_cp})
     state = {"model": model_state}
     if optimizer is not None:
         _start_adam_state(optimizer)
@@ -128,11 +132,9 @@ def _sharded_state(model, optimizer, is_loading: bool, optimizer_format: str) ->
     return state
 
 
-def _layout() -> dict:
-    from megatron.core import parallel_state
-
-    return {"tensor": parallel_state.get_tensor_model_parallel_world_size(),
-            "pipeline": parallel_state.get_pipeline_model_parallel_world_size()}
+def _layout(model) -> dict:
+    groups = ModelGroups.of(model)
+    return {"tensor": groups.tensor, "pipeline": groups.pipeline}
 
 
 def save_checkpoint(root, step: int, model, optimizer=None, scheduler=None, trainer_state: Optional[dict] = None,
@@ -157,7 +159,7 @@ def save_checkpoint(root, step: int, model, optimizer=None, scheduler=None, trai
                partial / f"rng_rank{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        meta = {"step": step, "world_size": dist.get_world_size(), "layout": _layout(),
+        meta = {"step": step, "world_size": dist.get_world_size(), "layout": _layout(model),
                 "optimizer_format": optimizer_format, "trainer": trainer_state or {}}
         if scheduler is not None:
             meta["scheduler"] = scheduler.state_dict()
@@ -295,7 +297,7 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
     meta = checkpoint_metadata(path)
     check_safe_to_load(path)
     optimizer_format = meta.get("optimizer_format", "dp_reshardable")
-    saved, now = meta.get("layout"), _layout()
+    saved, now = meta.get("layout"), _layout(model)
     if optimizer is not None and optimizer_format == "dp_reshardable" and saved and saved != now:
         raise ValueError(
             f"{path}: its optimizer state was saved at tensor {saved['tensor']} x pipeline {saved['pipeline']} "

@@ -69,6 +69,7 @@ class EngineSpec:
     max_requests: int  # sequences decoded at once
     kv_cache_gib: float = 0.0  # the dynamic engine's block buffer
     block_size_tokens: int = 256
+    pg_collection: object = None  # the model's process groups (a teacher's may differ from the global ones)
 
 
 def _wrapper_config(spec: EngineSpec):
@@ -99,10 +100,13 @@ def static_engine(model, spec: EngineSpec, *, tokenizer, seed: int):
         from megatron.core.inference.contexts import StaticInferenceContext
 
         model.config.inference_sampling_seed = seed  # seeds the controller's sampling_rng
-        wrapped = GPTInferenceWrapper(model, StaticInferenceContext(spec.max_requests, spec.max_sequence_length))
+        context = StaticInferenceContext(spec.max_requests, spec.max_sequence_length)
+        context.config.pg_collection = spec.pg_collection  # where 0.19's wrapper and controller read the groups
+        wrapped = GPTInferenceWrapper(model, context)
+        controller = _controller_keeping_end_token()(wrapped, tokenizer)
     else:
-        wrapped = GPTInferenceWrapper(model, _wrapper_config(spec))
-    controller = _controller_keeping_end_token()(wrapped, tokenizer)
+        wrapped = GPTInferenceWrapper(model, _wrapper_config(spec), pg_collection=spec.pg_collection)
+        controller = _controller_keeping_end_token()(wrapped, tokenizer, pp_group=spec.pg_collection.pp)
     engine = StaticInferenceEngine(controller, max_batch_size=spec.max_requests, random_seed=seed, legacy=True)
     _unset_inference_mode()
     return engine, controller
@@ -134,14 +138,18 @@ def dynamic_engine(model, spec: EngineSpec, *, tokenizer, seed: int):
         from megatron.core.inference.config import InferenceConfig
 
         model.config.inference_sampling_seed = seed
-        context = DynamicInferenceContext(model.config, InferenceConfig(enable_chunked_prefill=True, **memory))
+        context = DynamicInferenceContext(model.config, InferenceConfig(enable_chunked_prefill=True,
+                                                                        pg_collection=spec.pg_collection, **memory))
         controller = TextGenerationController(GPTInferenceWrapper(model, context), tokenizer)
         engine = DynamicInferenceEngine(controller, context)
     else:
+        groups = spec.pg_collection
         context = DynamicInferenceContext(params_dtype=spec.params_dtype, num_layers=spec.num_layers,
-                                          kv_channels=spec.head_dim, num_attention_heads=spec.kv_heads, **memory)
-        controller = TextGenerationController(GPTInferenceWrapper(model, _wrapper_config(spec), context), tokenizer)
-        engine = DynamicInferenceEngine(controller, context, random_seed=seed)
+                                          kv_channels=spec.head_dim, num_attention_heads=spec.kv_heads,
+                                          pg_collection=groups, **memory)
+        wrapped = GPTInferenceWrapper(model, _wrapper_config(spec), context, pg_collection=groups)
+        controller = TextGenerationController(wrapped, tokenizer, pp_group=groups.pp)
+        engine = DynamicInferenceEngine(controller, context, random_seed=seed, pg_collection=groups)
     _unset_inference_mode()
     return engine, controller
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from .config import ModelConfig
+from .groups import ModelGroups
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 CONFIG = "config.json"
@@ -216,8 +216,9 @@ def _mapping(gpt, config: ModelConfig) -> dict:
         # a tied output layer (Qwen3 <= 4B) is the embedding; with PP it is a copy on the last stage
         "output_layer.weight": _Param(("lm_head.weight" if config.untie_embeddings else embedding,), "vocab"),
     }
-    per_stage = config.num_layers // parallel_state.get_pipeline_model_parallel_world_size()
-    offset = parallel_state.get_pipeline_model_parallel_rank() * per_stage
+    groups = ModelGroups.of(gpt)  # the model's own layout (a teacher's may differ from the global one)
+    per_stage = config.num_layers // groups.pipeline
+    offset = groups.pp_rank * per_stage
     mapping = {}
     for name, _ in gpt.named_parameters():
         if name.startswith("decoder.layers."):
@@ -312,7 +313,8 @@ def load_hf_weights(gpt, config: ModelConfig, folder, what: str = "model") -> No
     """
     check_matches(config, folder, what)
     reader = _SafetensorsFolder(folder)
-    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    groups = ModelGroups.of(gpt)
+    tp, rank = groups.tensor, groups.tp_rank
     mapping = _mapping(gpt, config)
     for name, param in gpt.named_parameters():
         entry = mapping[name]
@@ -372,8 +374,8 @@ def export_hf(gpt, config: ModelConfig, out, source=None, tokenizer=None) -> Pat
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
     dist.barrier()
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    groups = ModelGroups.of(gpt)
+    tp_group, tp = groups.pgs.tp, groups.tensor
     tensors = {}
     mapping = _mapping(gpt, config)
     for name, param in gpt.named_parameters():
@@ -383,10 +385,9 @@ def export_hf(gpt, config: ModelConfig, out, source=None, tokenizer=None) -> Pat
         shards = [torch.empty_like(param) for _ in range(tp)]
         dist.all_gather(shards, param.detach().contiguous(), group=tp_group)
         tensors.update({k: v.cpu() for k, v in _full_tensors(shards, entry, config, vocab_rows).items()})
-    stages = parallel_state.get_pipeline_model_parallel_world_size()
-    stage = parallel_state.get_pipeline_model_parallel_rank()
+    stages, stage = groups.pipeline, groups.pp_rank
     file = "model.safetensors" if stages == 1 else f"model-{stage + 1:05d}-of-{stages:05d}.safetensors"
-    writer = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+    writer = groups.tp_rank == 0 and groups.dp_rank == 0
     if writer:
         from safetensors.torch import save_file
 

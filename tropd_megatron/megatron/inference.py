@@ -14,6 +14,7 @@ from ..validate import kv_buffer_problem
 from ..seeds import stream_seed
 from .compat import EngineSpec, dynamic_engine, kv_bytes_in_use, reseed_sampling, run_dynamic, run_static, static_engine
 from .config import ModelConfig
+from .groups import ModelGroups
 
 
 @dataclass
@@ -174,12 +175,11 @@ class Generator:
         return self.engine_config.max_requests
 
     def _spec(self) -> EngineSpec:
-        from megatron.core import parallel_state
-
         engine, config = self.engine_config, self.config
+        groups = ModelGroups.of(self.model)  # the model's own layout (a teacher's may differ from the global one)
         spec = EngineSpec(
             hidden_size=config.hidden_size, params_dtype=config.torch_dtype, padded_vocab_size=config.embedding_rows,
-            num_layers=config.num_layers // parallel_state.get_pipeline_model_parallel_world_size(),
+            num_layers=config.num_layers // groups.pipeline, pg_collection=groups.pgs,
             kv_heads=config.num_query_groups or config.num_attention_heads, head_dim=config.head_dim,
             max_sequence_length=self.max_request_tokens, max_requests=engine.max_requests,
             kv_cache_gib=engine.kv_cache_gib, block_size_tokens=engine.block_size_tokens,
@@ -190,8 +190,7 @@ class Generator:
                 if not torch.cuda.is_available():
                     raise ValueError("rollout.engine.kv_cache_free_fraction needs a GPU; set rollout.engine.kv_cache_gib")
                 gib = engine.kv_cache_free_fraction * torch.cuda.mem_get_info()[0] / 2**30
-            layout = dict(tensor=parallel_state.get_tensor_model_parallel_world_size(),
-                          pipeline=parallel_state.get_pipeline_model_parallel_world_size())
+            layout = dict(tensor=groups.tensor, pipeline=groups.pipeline)
             message = kv_buffer_problem(config, engine, layout["tensor"], layout["pipeline"], self.max_request_tokens, gib)
             if message:
                 raise ValueError(f"{self.name}: {message}")

@@ -1,4 +1,5 @@
-"""Student and co-located frozen teacher: Megatron GPTModels on the same TP / PP groups."""
+"""Student and co-located frozen teacher: Megatron GPTModels on the same ranks, the student on
+Megatron's global groups, the teacher on those or on a layout of its own (``groups``)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -15,6 +16,7 @@ from ..losses import VocabShard
 from . import cpu
 from .compat import gpt_decoder_spec
 from .config import ModelConfig, ParallelConfig
+from .groups import ModelGroups
 
 
 def initialize(parallel: ParallelConfig, seed: int = 0) -> None:
@@ -77,10 +79,16 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
     )
 
 
-def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, frozen: bool = False) -> GPTModel:
+def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, frozen: bool = False,
+              groups: ModelGroups | None = None) -> GPTModel:
     """This rank's pipeline stage of the model. ``frozen``: eval mode, no gradients (the
-    teacher: it gets no optimizer state either, since only the student is handed to one)."""
+    teacher: it gets no optimizer state either, since only the student is handed to one).
+    ``groups``: the process groups of a layout other than Megatron's global one (a teacher on
+    its own ``parallel``, see groups.layout_groups); None: the global groups."""
     parallel.check(dist.get_world_size(), model)
+    if groups is not None and (groups.tensor, groups.pipeline) != (parallel.tensor, parallel.pipeline):
+        raise ValueError(f"groups of (tensor, pipeline) = {(groups.tensor, groups.pipeline)} for a model at "
+                         f"{(parallel.tensor, parallel.pipeline)}")
     config = transformer_config(model, parallel)
     gpt = GPTModel(
         config,
@@ -92,8 +100,9 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, frozen: bool = Fa
         rope_scaling=model.rope_scaling_factor is not None,
         rope_scaling_factor=model.rope_scaling_factor or 8.0,
         share_embeddings_and_output_weights=not model.untie_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=groups.first_stage if groups else parallel_state.is_pipeline_first_stage(),
+        post_process=groups.last_stage if groups else parallel_state.is_pipeline_last_stage(),
+        pg_collection=groups.pgs if groups else None,
     )
     if not cpu.on_cpu():
         gpt.cuda()
@@ -110,7 +119,7 @@ def _mask_padded_vocabulary(gpt: GPTModel, vocab_size: int) -> None:
     engine's sampling and log-probs then cover the true vocabulary, as the losses do."""
     shard = VocabShard.of(
         gpt.output_layer.weight.shape[0] if gpt.output_layer.weight is not None else gpt.shared_embedding_or_output_weight().shape[0],
-        parallel_state.get_tensor_model_parallel_group(), vocab_size,
+        gpt.pg_collection.tp, vocab_size,
     )
     def hook(module, inputs, output):
         logits, bias = output
@@ -124,9 +133,10 @@ def _mask_padded_vocabulary(gpt: GPTModel, vocab_size: int) -> None:
 def shared_vocabulary_rows(student: ModelConfig, teacher: ModelConfig, tensor_parallel: int
                            ) -> tuple[ModelConfig, ModelConfig]:
     """(student, teacher) with one embedding row count: the losses compare the two models'
-    logits shard by shard, so both pad to the larger count, rounded up to a multiple of the
-    TP size (a 152064-row teacher with a 151936-row student: both get 152064 rows). Padding
-    rows are masked, so this changes no result. They must share the tokenizer's vocabulary."""
+    logits shard by shard, so both pad to the larger count, rounded up to a multiple of
+    ``tensor_parallel`` (both models' TP sizes: their least common multiple; a 152064-row
+    teacher with a 151936-row student: both get 152064 rows). Padding rows are masked, so
+    this changes no result. They must share the tokenizer's vocabulary."""
     if student.vocab_size != teacher.vocab_size:
         raise ValueError(
             f"teacher vocabulary ({teacher.vocab_size} tokens) differs from the student's "

@@ -9,8 +9,9 @@ ranks and micro-batches.
 """
 from __future__ import annotations
 
-import time
 import statistics
+import time
+from functools import partial
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
@@ -26,6 +27,7 @@ from ..losses import (ObjectiveConfig, TeacherSignal, distillation_loss, reduce_
 from . import cpu
 from .compat import HAVE_TE
 from .config import ModelConfig, OptimConfig, ParallelConfig
+from .groups import ModelGroups
 from .models import build_gpt
 
 
@@ -178,22 +180,31 @@ def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConf
 
 
 def _schedule(model, microbatches: list[MicroBatch], items: list, forward_step, forward_only: bool):
-    """Megatron's pipeline schedule over ``items`` (one per micro-batch, fed to forward_step)."""
+    """Megatron's pipeline schedule over ``items`` (one per micro-batch, fed to forward_step),
+    on the model's own process groups (a teacher's may differ from the global ones)."""
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    groups = ModelGroups.of(model)
     B, S = microbatches[0].model_shape()  # under PP every micro-batch has this shape
-    return get_forward_backward_func()(
+    return get_forward_backward_func(pp_size=groups.pipeline)(
         forward_step_func=forward_step, data_iterator=iter(items), model=[model],
         num_microbatches=len(items), seq_length=S, micro_batch_size=B, forward_only=forward_only,
+        p2p_communicator=P2PCommunicator(pp_group=groups.pgs.pp, config=model.config), pg_collection=groups.pgs,
     )
 
 
 @torch.no_grad()
 def teacher_outputs(teacher, microbatches: list[MicroBatch], *, topk: int, dense: bool, vocab_size: int,
                     end_tokens: Optional[tuple] = None) -> list:
-    """Per micro-batch on the last pipeline stage: a TeacherSignal (compact) or the teacher's
-    logits shard (dense); None on other stages. ``end_tokens`` (student's, teacher's end-of-turn
-    id) when they differ: the teacher's logits read in the student's ids (swap_token_logits)."""
+    """Per micro-batch on the teacher's last pipeline stage: a TeacherSignal (compact) or the
+    teacher's logits shard (dense); None on other stages. ``end_tokens`` (student's, teacher's
+    end-of-turn id) when they differ: the teacher's logits read in the student's ids
+    (swap_token_logits). Runs on the teacher's own groups (``ModelGroups.of``)."""
     outputs: list = []
-    tp_group = parallel_state.get_tensor_model_parallel_group()
+    groups = ModelGroups.of(teacher)
+    tp_group = groups.pgs.tp
+    if not microbatches:  # a teacher group with no work this step (teacher_layout)
+        return []
     microbatches = on_device(microbatches)
 
     def forward_step(data_iterator, model):
@@ -210,7 +221,7 @@ def teacher_outputs(teacher, microbatches: list[MicroBatch], *, topk: int, dense
         return model(*mb.model_inputs()), keep
 
     _schedule(teacher, microbatches, microbatches, forward_step, forward_only=True)
-    return outputs if parallel_state.is_pipeline_last_stage() else [None] * len(microbatches)
+    return outputs if groups.last_stage else [None] * len(microbatches)
 
 
 def any_rank(local: bool) -> bool:
@@ -249,14 +260,18 @@ def train_step(
     dense: bool = False,
     end_tokens: Optional[tuple] = None,
 ) -> StepResult:
-    """One optimizer step on ``microbatches``. ``teacher`` may be None for an objective that
-    needs none (``teacher_input == "none"``: SFTConfig);
+    """One optimizer step on ``microbatches``. ``teacher``: the teacher GPTModel on the
+    student's layout, a ``LayoutTeacher`` on its own, or None for an objective that needs none
+    (``teacher_input == "none"``: SFTConfig);
     ``end_tokens``: see teacher_outputs."""
     supervised = objective.teacher_input == "none"
     microbatches = on_device(microbatches)
     t0 = time.perf_counter()
-    signals = [None] * len(microbatches) if supervised else teacher_outputs(
-        teacher, microbatches, topk=objective.signal_topk, dense=dense, vocab_size=vocab_size, end_tokens=end_tokens)
+    from .teacher_layout import LayoutTeacher  # it builds on this module
+
+    score = teacher.outputs if isinstance(teacher, LayoutTeacher) else partial(teacher_outputs, teacher)
+    signals = [None] * len(microbatches) if supervised else score(
+        microbatches, topk=objective.signal_topk, dense=dense, vocab_size=vocab_size, end_tokens=end_tokens)
     t1 = time.perf_counter()
     tp_group = parallel_state.get_tensor_model_parallel_group()
 
