@@ -48,7 +48,7 @@ def validate(args: argparse.Namespace):
     if args.gpus_per_node is None:
         args.gpus_per_node = 0 if config.gpu == "cpu" else GPU_DEFAULT
     if args.nproc_per_node is None:
-        args.nproc_per_node = args.gpus_per_node or config.parallel.tensor * config.parallel.pipeline
+        args.nproc_per_node = args.gpus_per_node or config.min_world_size
     from tropd_megatron.validate import validate
 
     validate(config, args.nodes * args.nproc_per_node)

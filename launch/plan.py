@@ -3,14 +3,15 @@
     python -m launch.plan --recipe llama3_70b_to_8b --gpus 64 student.model.recompute=selective
     python -m launch.plan --recipe qwen3_8b_to_1p7b --gpus 8 gpu=H200-141GB
 
-``--gpus`` is the world size (default tensor x pipeline: data parallel 1); the recipe's ``gpu``
-names the device (override it like any key). Exit codes: 0 fits, 1 does not fit, 2 bad recipe,
+``--gpus`` is the world size (default: the fewest both the student's and the teacher's layouts
+fit); the recipe's ``gpu`` names the device (override it like any key). On a GPU it also lists
+the student tensor-parallel sizes that fit beside the teacher's layout (``teacher.parallel``). Exit codes: 0 fits, 1 does not fit, 2 bad recipe,
 override or layout. The numbers are estimates (see ``tropd_megatron.planner``).
 """
 import sys
 
 from recipes import parse_recipe_args, recipe_parser
-from tropd_megatron.planner import GIB, plan
+from tropd_megatron.planner import GIB, MemoryPlan, plan, student_tensor_choices
 
 
 def check_fits(config, gpus: int) -> None:
@@ -30,6 +31,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     print(memory.format())
+    if memory.capacity is not None:  # the throughput choice: the smallest student TP that fits
+        fitting = [tp for tp, p in student_tensor_choices(config, memory.gpus).items()
+                   if isinstance(p, MemoryPlan) and p.fits]
+        print(f"student tensor-parallel sizes that fit beside the teacher at tensor {memory.teacher_tensor} x "
+              f"pipeline {memory.teacher_pipeline}: {', '.join(map(str, fitting)) or 'none'}"
+              + (f" (smallest, for generation throughput: parallel.tensor={fitting[0]})" if fitting else ""))
     if not memory.fits:
         print(f"error: {memory.name} does not fit {memory.gpu}: {memory.total / GIB:.2f} GiB per GPU planned, "
               f"{memory.capacity / GIB:.2f} GiB available", file=sys.stderr)

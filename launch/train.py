@@ -24,7 +24,10 @@ def main(argv=None) -> None:
     if args.print_config:
         from tropd_megatron.run_config import to_yaml
 
-        print(to_yaml(config))
+        s, t = config.parallel, config.teacher_parallel
+        print(to_yaml(config) + f"# layouts: student tensor {s.tensor} x pipeline {s.pipeline}, teacher tensor "
+              f"{t.tensor} x pipeline {t.pipeline} (teacher.parallel; null: the student's); data parallel: the "
+              f"world size over each, a multiple of {config.min_world_size}")
         return
     from tropd_megatron.validate import validate
 

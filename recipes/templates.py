@@ -8,21 +8,24 @@ micro-batches of one row, sequence parallelism, the distributed optimizer, a gra
 spike guard, a checkpoint every 10 steps (the last 3 kept), avg@4 evaluation at temperature 0.6.
 """
 from tropd_megatron.data import PromptDataConfig
-from tropd_megatron.megatron.config import ModelConfig, OptimConfig, ParallelConfig
+from tropd_megatron.megatron.config import ModelConfig, OptimConfig, ParallelConfig, TeacherParallelConfig
 from tropd_megatron.megatron.inference import EngineConfig, SamplingConfig
 from tropd_megatron.megatron.rollout import RolloutConfig
 from tropd_megatron.run_config import (CheckpointConfig, EvalConfig, LoggingConfig, ModelSpec, RunConfig,
-                                       ScheduleConfig)
+                                       ScheduleConfig, TeacherSpec)
 
 
 def paper_schedule(*, name: str, root: str, teacher: ModelConfig, teacher_folder: str, student: ModelConfig,
-                   student_folder: str, prompts: str, tensor: int, max_new_tokens: int, kv_cache_gib: float,
-                   gpu: str = "H100-80GB") -> RunConfig:
-    """The run ``name`` with its files under ``root`` (the student's folder holds its tokenizer)."""
+                   student_folder: str, prompts: str, tensor: int, teacher_tensor: int | None, max_new_tokens: int,
+                   kv_cache_gib: float, gpu: str = "H100-80GB") -> RunConfig:
+    """The run ``name`` with its files under ``root`` (the student's folder holds its
+    tokenizer): the student at ``tensor`` (x data parallel), the teacher at ``teacher_tensor``
+    (None: the student's)."""
     return RunConfig(
         name=name,
         tokenizer=f"{root}/{student_folder}",
-        teacher=ModelSpec(teacher, checkpoint=f"{root}/{teacher_folder}"),
+        teacher=TeacherSpec(teacher, checkpoint=f"{root}/{teacher_folder}",
+                            parallel=TeacherParallelConfig(tensor=teacher_tensor)),
         student=ModelSpec(student, checkpoint=f"{root}/{student_folder}"),
         data=PromptDataConfig(f"{root}/data/{prompts}", chat_template="tokenizer", max_prompt_tokens=1024),
         parallel=ParallelConfig(tensor=tensor, sequence_parallel=True),

@@ -7,7 +7,7 @@ from tropd_megatron.megatron.config import ModelConfig, OptimConfig, ParallelCon
 from tropd_megatron.megatron.inference import EngineConfig, SamplingConfig
 from tropd_megatron.megatron.rollout import RolloutConfig
 from tropd_megatron.run_config import (CheckpointConfig, EvalConfig, LoggingConfig, ModelSpec, ObjectiveChoice,
-                                       RunConfig, ScheduleConfig)
+                                       RunConfig, ScheduleConfig, TeacherSpec)
 
 TEMPLATE = "Q: {prompt} A:"
 VOCAB = 40  # what the demo's sentencepiece training yields on the default task (the trainer checks)
@@ -22,7 +22,7 @@ def tiny(root: str = "runs/demo") -> RunConfig:
     return RunConfig(
         name="tiny",
         tokenizer=f"{root}/tokenizer.model",
-        teacher=ModelSpec(tiny_model(4, 128), checkpoint=f"{root}/teacher"),
+        teacher=TeacherSpec(tiny_model(4, 128), checkpoint=f"{root}/teacher"),
         student=ModelSpec(tiny_model(2, 64), checkpoint=f"{root}/student_init"),
         data=PromptDataConfig(f"{root}/prompts.jsonl", chat_template=TEMPLATE, max_prompt_tokens=24),  # + 40 new: 64
         parallel=ParallelConfig(tensor=2),

@@ -22,7 +22,19 @@ def test_the_recipes_as_shipped_pass(recipe, world):
     ([], 3, "world size 3 is not divisible by parallel.tensor x parallel.pipeline = 2 x 1"),
     (["schedule.prompts_per_step=3"], 4, "schedule.prompts_per_step=3 is not divisible by the data-parallel size 2 "
                                          "(world size 4 / tensor 2 x pipeline 1)"),
-    (["parallel.tensor=8"], 8, "student.model: tensor parallel size 8 does not divide num_attention_heads=4"),
+    (["parallel.tensor=8"], 8, "student.model at parallel.tensor=8 x pipeline=1: tensor parallel size 8 does not "
+                               "divide num_attention_heads=4"),
+    # the teacher on its own layout: its sizes checked against the world and its own model
+    (["teacher.parallel.tensor=8"], 8, "teacher.model at teacher.parallel.tensor=8 x pipeline=1: tensor parallel "
+                                       "size 8 does not divide num_attention_heads=4"),
+    (["teacher.parallel.pipeline=3"], 4, "world size 4 is not divisible by the teacher's tensor x pipeline = 2 x 3"),
+    (["teacher.parallel.pipeline=8"], 16, "teacher.model at teacher.parallel.tensor=2 x pipeline=8: pipeline parallel "
+                                          "size 8 does not divide num_layers=4"),
+    (["teacher.parallel.tensor=1", "objective.name=dense_kl"], 2,
+     "objective.name=dense_kl hands the teacher's logits shard to the loss, which needs the teacher on the student's "
+     "layout"),
+    (["teacher.parallel.tensor=4", "rollout.engine.kv_cache_gib=0.0001", "rollout.prefix_share_start=0.5",
+      "rollout.prefix_tokens_start=4"], 4, "teacher: rollout.engine.kv_cache_gib=0.0001 holds 0 KV blocks"),
     (["teacher.model.vocab_size=41"], 2, "teacher.model.vocab_size=41 and student.model.vocab_size=40 differ"),
     (["optim.warmup_steps=200"], 2, "optim.warmup_steps=200 must be below schedule.steps=200"),
     (["optim.spike_factor=10", "student.model.dtype=fp16"], 2, "optim.spike_factor is not supported with "
@@ -48,6 +60,16 @@ def test_each_problem_is_named(overrides, world, message):
     assert any(message in p for p in found), found
     with pytest.raises(ValueError, match="the configuration cannot run"):
         validate(cfg, world)
+
+
+def test_teacher_layout_defaults_to_the_students():
+    cfg = get_recipe("tiny", ["parallel.tensor=1", "parallel.pipeline=2"])
+    assert (cfg.teacher_parallel.tensor, cfg.teacher_parallel.pipeline) == (1, 2) and cfg.min_world_size == 2
+    cfg = get_recipe("tiny", ["parallel.tensor=1", "teacher.parallel.tensor=4"])
+    assert (cfg.teacher_parallel.tensor, cfg.teacher_parallel.pipeline) == (4, 1) and cfg.min_world_size == 4
+    assert problems(cfg, 4) == [] and problems(cfg, 8) == []
+    with pytest.raises(ValueError, match="teacher.parallel.tensor=0; must be >= 1"):
+        get_recipe("tiny", ["teacher.parallel.tensor=0"])
 
 
 def test_every_problem_is_listed_at_once():

@@ -178,9 +178,12 @@ class MemoryPlan:
     name: str
     gpu: str
     gpus: int
-    tensor: int
+    tensor: int  # the student's layout
     pipeline: int
     data_parallel: int
+    teacher_tensor: int  # the teacher's (teacher.parallel; the student's by default)
+    teacher_pipeline: int
+    teacher_data_parallel: int
     teacher_parameters: int
     student_parameters: int
     sequence: int  # tokens per micro-batch row
@@ -199,9 +202,11 @@ class MemoryPlan:
     def format(self) -> str:
         """A table in GiB: the layout, the parameter counts, each item, total against capacity."""
         width = max(len(k) for k in self.items) + 2
+        student = f"tensor {self.tensor} x pipeline {self.pipeline} x data {self.data_parallel}"
+        teacher = f"tensor {self.teacher_tensor} x pipeline {self.teacher_pipeline} x data {self.teacher_data_parallel}"
         lines = [
-            f"{self.name} on {self.gpus} x {self.gpu}: tensor {self.tensor} x pipeline {self.pipeline} "
-            f"x data {self.data_parallel}",
+            f"{self.name} on {self.gpus} x {self.gpu}: "
+            + (student if student == teacher else f"student {student}; teacher {teacher}"),
             f"teacher {_count(self.teacher_parameters)} parameters, student {_count(self.student_parameters)}; "
             f"{self.rollouts_per_rank} rollouts per data-parallel rank, micro-batch rows of {self.sequence} tokens",
             f"{'per GPU':<{width}}{'GiB':>9}",
@@ -241,18 +246,24 @@ def request_lengths(config: RunConfig) -> dict:
 
 
 def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
-    """The per-GPU memory plan of ``config`` on ``gpus`` GPUs (the world size; default
-    tensor x pipeline, i.e. data parallel 1). ValueError when the layout cannot run: world
-    size or model shapes not divisible, prompts_per_step not divisible by data parallel."""
+    """The per-GPU memory plan of ``config`` on ``gpus`` GPUs (the world size; default the
+    fewest both layouts fit, ``RunConfig.min_world_size``). ValueError when the layout cannot
+    run: world size or model shapes not divisible, prompts_per_step not divisible by data parallel.
+
+    With the teacher on its own layout, a rank holds the teacher's weights at that layout and,
+    while signals are exchanged, both the signals its teacher group scored (its share of every
+    student rank's micro-batches) and those of its own student rank."""
     tp, pp = config.parallel.tensor, config.parallel.pipeline
-    gpus = tp * pp if gpus is None else gpus
+    t = config.teacher_parallel
+    gpus = config.min_world_size if gpus is None else gpus
     if gpus < 1:
         raise ValueError(f"gpus={gpus}; must be >= 1")
     capacity = gpu_capacity(config.gpu)
     from .validate import validate  # (validate plans KV buffers with this module)
 
     validate(config, gpus)
-    dp = gpus // (tp * pp)
+    dp, teacher_dp = gpus // (tp * pp), gpus // (t.tensor * t.pipeline)
+    own_layout = (t.tensor, t.pipeline) != (tp, pp)
     prompts = config.schedule.prompts_per_step
     teacher, student, rollout = config.teacher.model, config.student.model, config.rollout
     on_gpu = capacity is not None
@@ -273,7 +284,7 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
         f"student optimizer ({config.optim.optimizer}, 1/{optimizer_shards} shard)":
             _ceil_div(student_params * optimizer_bytes_per_parameter(student.dtype, config.optim.optimizer),
                       optimizer_shards),
-        f"teacher weights ({teacher.dtype})": stage_parameters(teacher, tp, pp) * DTYPE_BYTES[teacher.dtype],
+        f"teacher weights ({teacher.dtype})": stage_parameters(teacher, t.tensor, t.pipeline) * DTYPE_BYTES[teacher.dtype],
         f"student activations (recompute {student.recompute}{', SP' if sequence_parallel else ''})": activation_bytes(
             student, sequence=sequence, micro_batch=rollout.micro_batch_size, tensor=tp, pipeline=pp,
             microbatches=microbatches, sequence_parallel=sequence_parallel),
@@ -285,7 +296,10 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
             tokens_per_step * teacher.embedding_rows // tp * DTYPE_BYTES[teacher.dtype])
     else:
         topk = config.objective.selected().signal_topk
-        items[f"teacher signal (top-{topk})"] = tokens_per_step * (SIGNAL_TOKEN_BYTES + topk * SIGNAL_TOPK_BYTES)
+        per_token = SIGNAL_TOKEN_BYTES + topk * SIGNAL_TOPK_BYTES
+        items[f"teacher signal (top-{topk})"] = tokens_per_step * per_token
+        if own_layout:  # what this rank's teacher group scored for every student rank it serves
+            items["teacher signal, the teacher group's share"] = _ceil_div(tokens_per_step * dp, teacher_dp) * per_token
     engine = rollout.engine
     lengths = request_lengths(config)
     kv = f"KV cache ({engine.name}, {engine.max_requests} requests)"
@@ -294,13 +308,41 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
     # the teacher only generates (and so allocates its cache) when it writes prefixes
     if (max(rollout.prefix_share_start, rollout.prefix_share_end) > 0
             and max(rollout.prefix_tokens_start, rollout.prefix_tokens_end) > 0):
-        items[f"teacher {kv}"] = kv_cache_bytes(teacher, engine, tensor=tp, pipeline=pp,
+        items[f"teacher {kv}"] = kv_cache_bytes(teacher, engine, tensor=t.tensor, pipeline=t.pipeline,
                                                  request_tokens=lengths["teacher"])
     if on_gpu:
         items["CUDA context, NCCL, workspaces"] = CONTEXT_BYTES
 
     return MemoryPlan(
         name=config.name, gpu=config.gpu, gpus=gpus, tensor=tp, pipeline=pp, data_parallel=dp,
+        teacher_tensor=t.tensor, teacher_pipeline=t.pipeline, teacher_data_parallel=teacher_dp,
         teacher_parameters=parameter_count(teacher), student_parameters=parameter_count(student),
         sequence=sequence, rollouts_per_rank=rollouts, items=items, capacity=capacity,
     )
+
+
+def student_tensor_choices(config: RunConfig, gpus: int) -> dict:
+    """{student tensor-parallel size: its MemoryPlan, or why it cannot run} for every power of
+    two up to ``gpus``, the teacher's layout as configured: the smallest size that fits is the
+    throughput choice for generation (fewest all-reduces per decoded token; data parallel for
+    the rest)."""
+    from dataclasses import replace
+
+    choices = {}
+    tensor = 1
+    while tensor <= gpus:
+        candidate = replace(config, parallel=replace(config.parallel, tensor=tensor),
+                            teacher=replace(config.teacher, parallel=replace(
+                                config.teacher.parallel, tensor=config.teacher_parallel.tensor)))
+        try:
+            choices[tensor] = plan(candidate, gpus)
+        except ValueError as e:
+            choices[tensor] = str(e).splitlines()[-1].strip()
+        tensor *= 2
+    return choices
+
+
+def smallest_fitting_student_tensor(config: RunConfig, gpus: int) -> Optional[int]:
+    """The smallest student tensor-parallel size whose plan fits (None: none does)."""
+    return next((tp for tp, p in student_tensor_choices(config, gpus).items()
+                 if isinstance(p, MemoryPlan) and p.fits), None)

@@ -7,6 +7,7 @@ OmegaConf onto the typed structure, so a wrong key or type is refused before any
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Optional
 
@@ -16,7 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from .data import PromptDataConfig
 from .losses import DenseKLConfig, EOPDConfig, OPDConfig, REOPOLDConfig, TrOPDConfig
 from .megatron.checkpoint import OPTIMIZER_FORMATS
-from .megatron.config import ModelConfig, OptimConfig, ParallelConfig
+from .megatron.config import ModelConfig, OptimConfig, ParallelConfig, TeacherParallelConfig
 from .megatron.rollout import RolloutConfig
 
 
@@ -27,6 +28,13 @@ class ModelSpec:
     # (its ``latest``) or one ``step_*`` folder. None: random weights, acceptable only for smoke
     # tests (the trainer says so loudly).
     checkpoint: Optional[str] = None
+
+
+@dataclass
+class TeacherSpec(ModelSpec):
+    """The teacher: its model, weights and its own parallel layout (default: the student's)."""
+
+    parallel: TeacherParallelConfig = field(default_factory=TeacherParallelConfig)
 
 
 @dataclass
@@ -109,7 +117,7 @@ class EvalConfig:
 class RunConfig:
     name: str
     tokenizer: str  # a Hugging Face tokenizer folder or a sentencepiece model file
-    teacher: ModelSpec
+    teacher: TeacherSpec  # a ModelSpec is taken too (the student's layout)
     student: ModelSpec
     data: PromptDataConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -124,6 +132,21 @@ class RunConfig:
     # the teacher's own tokenizer when its end-of-turn token differs from the student's (the
     # vocabulary must be the same); None: the student's ``tokenizer``
     teacher_tokenizer: Optional[str] = None
+
+    def __post_init__(self):
+        if type(self.teacher) is ModelSpec:  # a recipe written before teacher.parallel existed
+            self.teacher = TeacherSpec(self.teacher.model, self.teacher.checkpoint)
+
+    @property
+    def teacher_parallel(self) -> ParallelConfig:
+        """The teacher's layout: ``teacher.parallel``, sizes left null taken from ``parallel``."""
+        return self.teacher.parallel.resolve(self.parallel)
+
+    @property
+    def min_world_size(self) -> int:
+        """The fewest processes both layouts fit (data parallel 1 for the larger)."""
+        t, s = self.teacher_parallel, self.parallel
+        return math.lcm(s.tensor * s.pipeline, t.tensor * t.pipeline)
 
     def eval_max_new_tokens(self) -> int:
         """The evaluation budget: ``eval.max_new_tokens``, else the rollouts'."""
@@ -153,10 +176,11 @@ def _lookup(config, key: str):
     return config
 
 
-# keys a resumed run may change: where it logs and evaluates, its layout (checkpoints
-# reshard), where the frozen models' weights are read from; not what it trains
+# keys a resumed run may change: where it logs and evaluates, its layouts (checkpoints reshard;
+# the teacher is frozen and not in them), where the frozen models' weights are read from; not
+# what it trains
 RESUMABLE_CHANGES = ("name", "gpu", "logging.", "eval.", "checkpoint.", "parallel.", "teacher.checkpoint",
-                     "student.checkpoint")
+                     "teacher.parallel.", "student.checkpoint")
 
 
 def resume_conflicts(saved: dict, config: RunConfig) -> list[str]:

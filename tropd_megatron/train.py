@@ -11,6 +11,7 @@ held-out evaluation, checkpoints, TensorBoard scalars and a progress line. SIGTE
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -27,6 +28,8 @@ from .data import PromptStream
 from .evaluation.benchmark import evaluate, load_problems
 from .logs import MetricsWriter, logger, logging_rank
 from .megatron import build_gpt, build_student, initialize, shared_vocabulary_rows
+from .megatron.groups import ModelGroups
+from .megatron.teacher_layout import LayoutGenerator, LayoutTeacher, TeacherLayout, teacher_groups
 from .megatron.checkpoint import checkpoint_metadata, latest_checkpoint, load_checkpoint, save_checkpoint
 from .megatron.hf_checkpoint import is_hf_folder, load_hf_weights
 from .megatron.inference import Generator
@@ -128,8 +131,10 @@ def trained_student(cfg: RunConfig, weights: str | None = None) -> str:
 
 
 def run_models(cfg: RunConfig):
-    """(student, teacher) ModelConfigs as built: one embedding row count (shared_vocabulary_rows)."""
-    student, teacher = shared_vocabulary_rows(cfg.student.model, cfg.teacher.model, cfg.parallel.tensor)
+    """(student, teacher) ModelConfigs as built: one embedding row count (shared_vocabulary_rows)
+    that both models' TP sizes divide."""
+    student, teacher = shared_vocabulary_rows(cfg.student.model, cfg.teacher.model,
+                                              math.lcm(cfg.parallel.tensor, cfg.teacher_parallel.tensor))
     if (student.embedding_rows, teacher.embedding_rows) != (cfg.student.model.embedding_rows,
                                                             cfg.teacher.model.embedding_rows):
         logger.info(f"vocabulary: {student.vocab_size} tokens; both models get {student.embedding_rows} embedding rows "
@@ -151,8 +156,10 @@ class Trainer:
             teacher_tokenizer = load_tokenizer(cfg.teacher_tokenizer)
             check_same_vocabulary(self.tokenizer, teacher_tokenizer)
         student_model, teacher_model = run_models(cfg)
-        self.teacher = build_gpt(teacher_model, cfg.parallel, frozen=True)
-        load_weights(cfg.teacher.checkpoint, self.teacher, teacher_model, "teacher")
+        # the teacher on the student's groups, or on its own layout (teacher.parallel)
+        teacher_groups_ = teacher_groups(cfg.parallel, cfg.teacher_parallel)
+        teacher_gpt = build_gpt(teacher_model, cfg.teacher_parallel, frozen=True, groups=teacher_groups_)
+        load_weights(cfg.teacher.checkpoint, teacher_gpt, teacher_model, "teacher")
         self.student = build_student(student_model, cfg.parallel, cfg.optim, cfg.schedule.steps)
         self.encode = encode = prompt_encoder(self.tokenizer, cfg.data.chat_template)  # prompt text -> token ids
         self.prompts = PromptStream(cfg.data, encode)
@@ -180,9 +187,17 @@ class Trainer:
         self.student_generator = Generator(self.student.model.module, student_model, eos_id=self.tokenizer.eos_id,
                                            engine=cfg.rollout.engine, max_request_tokens=lengths["student"],
                                            name="student")
-        self.teacher_generator = Generator(self.teacher, teacher_model, eos_id=teacher_tokenizer.eos_id,
-                                           engine=cfg.rollout.engine, max_request_tokens=lengths["teacher"],
-                                           name="teacher")
+        self.teacher, self.teacher_generator = teacher_gpt, Generator(
+            teacher_gpt, teacher_model, eos_id=teacher_tokenizer.eos_id, engine=cfg.rollout.engine,
+            max_request_tokens=lengths["teacher"], name="teacher")
+        if teacher_groups_ is not None:  # scores and writes prefixes for the student's ranks by collectives
+            layout = TeacherLayout(ModelGroups.megatron(), teacher_groups_)
+            self.teacher = LayoutTeacher(teacher_gpt, layout)
+            self.teacher_generator = LayoutGenerator(self.teacher_generator, layout)
+            t = cfg.teacher_parallel
+            logger.info(f"teacher at its own layout: tensor {t.tensor} x pipeline {t.pipeline} x data "
+                        f"{layout.teacher_dp}; student: tensor {cfg.parallel.tensor} x pipeline "
+                        f"{cfg.parallel.pipeline} x data {layout.student_dp}")
         self.eval_problems = None
         if cfg.eval.path:
             self.eval_problems = load_problems(replace(cfg.data, path=cfg.eval.path), encode, cfg.eval.max_problems)

@@ -20,7 +20,7 @@ def problems(cfg: RunConfig, world_size: int) -> list[str]:
     """Every cross-setting problem of ``cfg`` on ``world_size`` processes, each naming the keys
     and values involved (empty: the run can start)."""
     out = []
-    p, r, s = cfg.parallel, cfg.rollout, cfg.rollout.sampling
+    p, t, r, s = cfg.parallel, cfg.teacher_parallel, cfg.rollout, cfg.rollout.sampling
     layout = p.tensor * p.pipeline
     if world_size % layout:
         out.append(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
@@ -30,13 +30,22 @@ def problems(cfg: RunConfig, world_size: int) -> list[str]:
         if cfg.schedule.prompts_per_step % dp:
             out.append(f"schedule.prompts_per_step={cfg.schedule.prompts_per_step} is not divisible by the "
                        f"data-parallel size {dp} (world size {world_size} / tensor {p.tensor} x pipeline {p.pipeline})")
+    own_layout = (t.tensor, t.pipeline) != (p.tensor, p.pipeline)
+    if own_layout and world_size % (t.tensor * t.pipeline):
+        out.append(f"world size {world_size} is not divisible by the teacher's tensor x pipeline = {t.tensor} x "
+                   f"{t.pipeline} (teacher.parallel.tensor / pipeline; null: the student's)")
     shapes_divide = True
-    for what in ("teacher", "student"):
+    for what, layout_of in (("teacher", t), ("student", p)):
         try:
-            p.check(layout, getattr(cfg, what).model)
+            layout_of.check(layout_of.tensor * layout_of.pipeline, getattr(cfg, what).model)
         except ValueError as e:
-            out.append(f"{what}.model: {e}")
+            keys = "teacher.parallel" if what == "teacher" and own_layout else "parallel"
+            out.append(f"{what}.model at {keys}.tensor={layout_of.tensor} x pipeline={layout_of.pipeline}: {e}")
             shapes_divide = False
+    if own_layout and cfg.objective.selected().teacher_input == "logits":
+        out.append(f"objective.name={cfg.objective.name} hands the teacher's logits shard to the loss, which needs "
+                   f"the teacher on the student's layout (moving it would move a vocabulary row a token): set "
+                   f"teacher.parallel.tensor / pipeline to null (or to parallel's {p.tensor} / {p.pipeline})")
     student, teacher = cfg.student.model, cfg.teacher.model
     if student.vocab_size != teacher.vocab_size:
         out.append(f"teacher.model.vocab_size={teacher.vocab_size} and student.model.vocab_size={student.vocab_size} "
@@ -65,13 +74,13 @@ def problems(cfg: RunConfig, world_size: int) -> list[str]:
     if guided and not objective.uses_prefix_mask:
         out.append(f"rollout.prefix_share_start / _end and prefix_tokens_start / _end ask for teacher prefixes, which "
                    f"objective.name={cfg.objective.name} does not train on (prefix guidance is TrOPD's)")
-    if r.engine.name == "static" and p.sequence_parallel and p.tensor > 1:
+    if r.engine.name == "static" and p.sequence_parallel and max(p.tensor, t.tensor if guided else 1) > 1:
         out.append("rollout.engine.name=static does not support parallel.sequence_parallel (Megatron's static "
                    "engine allows it for MoE models only): use the dynamic engine, or sequence_parallel=false")
     if r.engine.name == "dynamic" and not r.engine.kv_cache_free_fraction and shapes_divide:
         lengths = request_lengths(cfg)
-        for what, model in (("student", student), ("teacher", teacher)) if guided else (("student", student),):
-            message = kv_buffer_problem(model, r.engine, p.tensor, p.pipeline, lengths[what])
+        for what, model, at in (("student", student, p), ("teacher", teacher, t))[: 2 if guided else 1]:
+            message = kv_buffer_problem(model, r.engine, at.tensor, at.pipeline, lengths[what])
             if message:
                 out.append(f"{what}: {message}")
     return out

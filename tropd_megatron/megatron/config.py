@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -81,6 +82,28 @@ class ParallelConfig:
                 raise ValueError(f"tensor parallel size {self.tensor} does not divide {name}={value}")
         if model.num_layers % self.pipeline:
             raise ValueError(f"pipeline parallel size {self.pipeline} does not divide num_layers={model.num_layers}")
+
+
+@dataclass
+class TeacherParallelConfig:
+    """``teacher.parallel``: the teacher's own layout, in the same job on the same ranks (a 70B
+    teacher at TP 8 beside an 8B student at TP 2 x DP 4). A size left None is the student's
+    (``parallel.tensor`` / ``parallel.pipeline``: both models on Megatron's global groups, as
+    without this setting); its data-parallel size is the world size / (tensor x pipeline).
+    Sequence parallelism follows ``parallel.sequence_parallel``."""
+
+    tensor: Optional[int] = None
+    pipeline: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("tensor", "pipeline"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"teacher.parallel.{name}={getattr(self, name)}; must be >= 1 (or null: the student's)")
+
+    def resolve(self, student: ParallelConfig) -> ParallelConfig:
+        """The teacher's layout as a ParallelConfig."""
+        return ParallelConfig(self.tensor or student.tensor, self.pipeline or student.pipeline,
+                              sequence_parallel=student.sequence_parallel)
 
 
 @dataclass
