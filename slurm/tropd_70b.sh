@@ -1,5 +1,6 @@
 #!/bin/bash
-# TrOPD on-policy distillation, Llama-3 70B teacher -> 8B student (recipe llama3_70b_to_8b, TP=8),
+# TrOPD on-policy distillation, Llama-3 70B teacher -> 8B student (recipe llama3_70b_to_8b: teacher
+# TP=8, student TP=4, data parallel over the rest),
 # on N nodes x 8 GPUs. Submit from the repository root:
 #
 #     sbatch slurm/tropd_70b.sh                                   # 4 nodes, defaults below

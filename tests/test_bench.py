@@ -62,3 +62,21 @@ def test_step_benchmark_runs_and_packing_computes_fewer_tokens(tmp_path):
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.read_text().splitlines()
             if line.startswith("| ") and "---" not in line}
     assert int(rows["packed"][2]) < int(rows["padded"][2])  # tokens computed (targets: docs/benchmarks.md)
+
+
+@pytest.mark.timeout(300)
+def test_layout_benchmark_runs_both_layouts(tmp_path):
+    """bench/layouts.py at 2 processes and a tiny size: a full iteration with the student on the
+    teacher's layout and on its own, every phase timed, the ratio printed."""
+    table = tmp_path / "layouts.md"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "layouts.py"), "--world", "2", "--prompts", "2",
+           "--max-new-tokens", "4", "--prefix-tokens", "2", "--teacher-layers", "1", "--teacher-hidden", "32", "--student-layers", "1",
+           "--student-hidden", "32", "--repeats", "1", "--markdown", str(table)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.rstrip(" |").split(" | ") for line in table.read_text().splitlines() if line.startswith("| TP")]
+    assert [r[0] for r in rows] == ["| TP 2 x DP 1 (student on the teacher's layout)",
+                                    "| TP 1 x DP 2 (student on its own layout)"]
+    assert all(float(r[1]) > 0 and float(r[5]) > 0 and float(r[6]) > 0 for r in rows)  # rollout, step, tokens/s
+    assert "step time, TP 2 / TP 1 x DP 2:" in table.read_text()
