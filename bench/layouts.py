@@ -134,16 +134,17 @@ def main(argv=None) -> list[str]:
     w = args.world
     lines = [f"{w} processes; teacher {args.teacher_layers} x {args.teacher_hidden} at TP {w}, student "
              f"{args.student_layers} x {args.student_hidden}; {args.prompts} prompts x 4 rollouts a step, up to "
-             f"{args.max_new_tokens} new tokens, teacher prefixes of {args.prefix_tokens} tokens on a quarter; median of "
-             f"{args.repeats}",
+             f"{args.max_new_tokens} new tokens, teacher prefixes of {args.prefix_tokens} tokens on a quarter; "
+             f"median of {args.repeats}",
              "", "| student layout | rollout s | teacher s | student s | optimizer s | step s | rollout tokens/s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for (name, tensor), r in results.items():
         layout = f"TP {tensor} x DP {w // tensor}"
         lines.append(f"| {layout} ({name}) | " + " | ".join(f"{r[p]:.3f}" for p in PHASES)
                      + f" | {r['rollout_tokens_per_second']:.0f} |")
-    lines += ["", f"step time, TP {w} / TP 1 x DP {w}: {same['total'] / own['total']:.2f}x; rollout tokens/s, TP 1 x DP "
-                  f"{w} / TP {w}: {own['rollout_tokens_per_second'] / same['rollout_tokens_per_second']:.2f}x"]
+    speed = own["rollout_tokens_per_second"] / same["rollout_tokens_per_second"]
+    lines += ["", f"step time, TP {w} / TP 1 x DP {w}: {same['total'] / own['total']:.2f}x; rollout tokens/s, "
+                  f"TP 1 x DP {w} / TP {w}: {speed:.2f}x"]
     text = "\n".join(lines)
     print(text, flush=True)
     if args.markdown:

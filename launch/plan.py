@@ -5,8 +5,8 @@
 
 ``--gpus`` is the world size (default: the fewest both the student's and the teacher's layouts
 fit); the recipe's ``gpu`` names the device (override it like any key). On a GPU it also lists
-the student tensor-parallel sizes that fit beside the teacher's layout (``teacher.parallel``). Exit codes: 0 fits, 1 does not fit, 2 bad recipe,
-override or layout. The numbers are estimates (see ``tropd_megatron.planner``).
+the student tensor-parallel sizes that fit beside the teacher's layout (``teacher.parallel``).
+Exit codes: 0 fits, 1 does not fit, 2 bad recipe, override or layout. The numbers are estimates (see ``tropd_megatron.planner``).
 """
 import sys
 

@@ -17,7 +17,8 @@ from .templates import paper_schedule
 
 def qwen3_8b_to_1p7b(root: str = "/checkpoints/tropd") -> RunConfig:
     return paper_schedule(
-        name="qwen3_8b_to_1p7b", root=root, prompts="math_prompts.jsonl", tensor=2, teacher_tensor=None, max_new_tokens=8192,
+        name="qwen3_8b_to_1p7b", root=root, prompts="math_prompts.jsonl", tensor=2, teacher_tensor=None,
+        max_new_tokens=8192,
         teacher=qwen3_8b(), teacher_folder="Qwen3-8B",
         student=replace(qwen3_1p7b(), recompute="selective"), student_folder="Qwen3-1.7B",
         # 24 GiB of KV blocks hold ~449k tokens: 128 rollouts of 3.5k on average, or 48 of the

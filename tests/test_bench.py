@@ -70,8 +70,8 @@ def test_layout_benchmark_runs_both_layouts(tmp_path):
     teacher's layout and on its own, every phase timed, the ratio printed."""
     table = tmp_path / "layouts.md"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "layouts.py"), "--world", "2", "--prompts", "2",
-           "--max-new-tokens", "4", "--prefix-tokens", "2", "--teacher-layers", "1", "--teacher-hidden", "32", "--student-layers", "1",
-           "--student-hidden", "32", "--repeats", "1", "--markdown", str(table)]
+           "--max-new-tokens", "4", "--prefix-tokens", "2", "--teacher-layers", "1", "--teacher-hidden", "32",
+           "--student-layers", "1", "--student-hidden", "32", "--repeats", "1", "--markdown", str(table)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

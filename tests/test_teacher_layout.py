@@ -22,7 +22,8 @@ from tropd_megatron.logs import read_metrics
 
 pytest.importorskip("megatron.core")
 
-from tropd_megatron.megatron import OptimConfig, ParallelConfig, build_gpt, build_student, initialize, train_step  # noqa: E402
+from tropd_megatron.megatron import (  # noqa: E402
+    OptimConfig, ParallelConfig, build_gpt, build_student, initialize, train_step)
 from tropd_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from tropd_megatron.megatron.groups import ModelGroups  # noqa: E402
 from tropd_megatron.megatron.inference import EngineConfig, Generator, SamplingConfig  # noqa: E402
@@ -135,7 +136,8 @@ def _prefix_worker(rank, world, root, student_layout, teacher_layout, eos):
     greedy = SamplingConfig(top_k=1, max_new_tokens=5)
 
     def generator(end):
-        gen = Generator(gpt, TEACHER, eos_id=end, engine=EngineConfig(max_requests=4, kv_cache_gib=0.01), name="teacher")
+        engine = EngineConfig(max_requests=4, kv_cache_gib=0.01)
+        gen = Generator(gpt, TEACHER, eos_id=end, engine=engine, name="teacher")
         return gen if groups is None else LayoutGenerator(gen, TeacherLayout(ModelGroups.megatron(), groups))
 
     if eos is None:
@@ -202,4 +204,5 @@ def test_a_bad_teacher_layout_is_refused_before_loading(tmp_path):
            "MASTER_PORT": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert "teacher.model at teacher.parallel.tensor=8 x pipeline=1: tensor parallel size 8 does not divide" in out.stderr
+    assert ("teacher.model at teacher.parallel.tensor=8 x pipeline=1: tensor parallel size 8 does not divide"
+            in out.stderr)

@@ -284,7 +284,8 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
         f"student optimizer ({config.optim.optimizer}, 1/{optimizer_shards} shard)":
             _ceil_div(student_params * optimizer_bytes_per_parameter(student.dtype, config.optim.optimizer),
                       optimizer_shards),
-        f"teacher weights ({teacher.dtype})": stage_parameters(teacher, t.tensor, t.pipeline) * DTYPE_BYTES[teacher.dtype],
+        f"teacher weights ({teacher.dtype})":
+            stage_parameters(teacher, t.tensor, t.pipeline) * DTYPE_BYTES[teacher.dtype],
         f"student activations (recompute {student.recompute}{', SP' if sequence_parallel else ''})": activation_bytes(
             student, sequence=sequence, micro_batch=rollout.micro_batch_size, tensor=tp, pipeline=pp,
             microbatches=microbatches, sequence_parallel=sequence_parallel),

@@ -98,7 +98,8 @@ class TeacherParallelConfig:
     def __post_init__(self):
         for name in ("tensor", "pipeline"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"teacher.parallel.{name}={getattr(self, name)}; must be >= 1 (or null: the student's)")
+                raise ValueError(f"teacher.parallel.{name}={getattr(self, name)}; must be >= 1 "
+                                 "(or null: the student's)")
 
     def resolve(self, student: ParallelConfig) -> ParallelConfig:
         """The teacher's layout as a ParallelConfig."""

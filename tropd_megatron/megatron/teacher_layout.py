@@ -62,10 +62,13 @@ class TeacherLayout:
         # ranks holding student rank d's rollouts / teacher group g's ranks / its last stage's
         self.holders = {d: [r for r, p in enumerate(self.places) if p.student_dp == d] for d in range(student.data)}
         self.group_ranks = {g: [r for r, p in enumerate(self.places) if p.teacher_dp == g] for g in range(teacher.data)}
-        self.group_last = {g: [r for r in ranks if self.places[r].teacher_last] for g, ranks in self.group_ranks.items()}
+        self.group_last = {g: [r for r in ranks if self.places[r].teacher_last]
+                           for g, ranks in self.group_ranks.items()}
 
     def _device(self):
-        return torch.device("cpu") if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "gloo":
+            return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device())
 
     def _gather(self, obj) -> list:
         out = [None] * self.world
@@ -194,8 +197,8 @@ class TeacherLayout:
         got = self._exchange(send, recv, torch.long)
         mine = work[self.me.teacher_dp]
         own = [got[self._holder(d, self.rank)].pop(0).tolist() for d, i in mine]
-        results = generator.generate(own, sampling, seed=stream_seed(seeds[0], "teacher_group", group=self.me.teacher_dp)
-                                     ) if own else []
+        group_seed = stream_seed(seeds[0], "teacher_group", group=self.me.teacher_dp)
+        results = generator.generate(own, sampling, seed=group_seed) if own else []
         # generated tokens and their log-probs back, as int64 (log-probs bit-cast from float64)
         sizes = self._gather((self.me.teacher_dp, [len(r.tokens) for r in results]))
         done = {}
