@@ -30,3 +30,33 @@ def test_every_numeric_metric_is_written(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/a_metric_added_later", "train/skipped_update", "train/tokens", "time/rollout"} <= tags
     assert "train/skip_reason" not in tags
+
+
+def test_every_metric_reaches_weights_and_biases_offline(tmp_path, monkeypatch):
+    """mode auto without an API key runs offline: the run folder holds every metric that
+    metrics.jsonl holds, at its step, and the run's configuration."""
+    import pytest
+
+    pytest.importorskip("wandb")
+    from tropd_megatron.logs import MetricsWriter, read_metrics
+    from tropd_megatron.run_config import WandbConfig
+    from wandb_records import wandb_history
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    writer = MetricsWriter(str(tmp_path), None, WandbConfig(project="tropd-test"), "tiny", {"schedule.steps": 2})
+    metrics = {"loss": 1.5, "trust_fraction": 0.75, "skipped_update": False, "skip_reason": None, "tokens": 7}
+    writer.step(1, metrics, {"rollout": 0.5, "total": 1.0})
+    writer.step(2, {**metrics, "loss": 1.25}, {"rollout": 0.4, "total": 0.9})
+    writer.scalar("eval/avg@1", 0.5, 2)
+    writer.close()
+    history = wandb_history(tmp_path)
+    for step, record in read_metrics(tmp_path).items():
+        logged = history[step]
+        for key, value in record.items():
+            if key not in ("step", "seconds", "skip_reason"):
+                assert logged[f"train/{key}"] == float(value), (step, key)
+        for key, value in record["seconds"].items():
+            assert logged[f"time/{key}"] == value
+        assert "train/skip_reason" not in logged
+    assert history[2]["eval/avg@1"] == 0.5

@@ -13,6 +13,7 @@ import pytest
 from distributed import free_port
 from tiny_files import make_tiny_files
 from tropd_megatron.logs import read_metrics
+from wandb_records import wandb_history
 
 pytest.importorskip("megatron.core")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +37,14 @@ def single_process(args):
 @pytest.mark.timeout(300)
 def test_two_steps_at_tp2_leave_checkpoint_eval_and_logs(tmp_path):
     overrides = make_tiny_files(tmp_path)
-    out = torchrun([*overrides, "schedule.steps=2", "optim.spike_factor=10"])
+    out = torchrun([*overrides, "schedule.steps=2", "optim.spike_factor=10", "logging.wandb.project=tropd-test",
+                    "logging.wandb.mode=offline"])
     assert out.returncode == 0, out.stderr[-3000:]
+    # Weights & Biases, offline: one run (from the logging rank) holding every step's metrics
+    wandb = wandb_history(tmp_path / "run")
+    for step, record in read_metrics(tmp_path / "run").items():
+        assert wandb[step]["train/loss"] == record["loss"] and wandb[step]["time/total"] == record["seconds"]["total"]
+    assert "eval/avg@1" in wandb[0] and "eval/avg@1" in wandb[2]
     assert (tmp_path / "run" / "latest").read_text() == "step_00000002"
     trainer_state = json.loads((tmp_path / "run" / "step_00000002" / "trainer.json").read_text())["trainer"]
     assert len(trainer_state["spike_norms"]) == 2  # the spike guard's history resumes with the run

@@ -98,37 +98,81 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsWriter:
-    """Every step's numeric metrics, at full precision, to ``DIR/metrics.jsonl`` and (when a
-    directory is given) TensorBoard, from the logging rank; a no-op on the others."""
+    """Every step's numeric metrics, at full precision, to ``DIR/metrics.jsonl`` and (when
+    configured) TensorBoard and Weights & Biases, from the logging rank; a no-op on the others.
+    ``wandb``: a run_config.WandbConfig (its ``project`` None: off); ``config``: the run's
+    flattened settings, recorded as the W&B run's config."""
 
-    def __init__(self, checkpoint_dir: str, tensorboard_dir: str | None):
+    def __init__(self, checkpoint_dir: str, tensorboard_dir: str | None, wandb=None, run_name: str = "run",
+                 config: dict | None = None):
         self.path = os.path.join(checkpoint_dir, METRICS_FILE)
         self.active = logging_rank()
-        self.tensorboard = None
+        self.tensorboard = self.wandb = None
         if self.active and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(tensorboard_dir)
+        if self.active and wandb is not None and wandb.project and wandb.mode != "disabled":
+            self.wandb = _wandb_run(wandb, checkpoint_dir, run_name, config or {})
 
     def step(self, step: int, metrics: dict, seconds: dict) -> None:
         if not self.active:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics, "seconds": seconds}) + "\n")
+        # every numeric metric (bools as 0 / 1); not reasons, not None
+        scalars = {f"train/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        scalars.update({f"time/{k}": float(v) for k, v in seconds.items()})
         if self.tensorboard is not None:
-            for key, value in metrics.items():  # every numeric one (bools as 0 / 1); not reasons, not None
-                if isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"train/{key}", float(value), step)
-            for key, value in seconds.items():
-                self.tensorboard.add_scalar(f"time/{key}", value, step)
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.tensorboard is not None:
             self.tensorboard.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log({tag: value}, step=step)
 
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_run(settings, checkpoint_dir: str, run_name: str, config: dict):
+    """A W&B run whose id follows from the checkpoint directory, so that a resumed run
+    continues it (steps W&B already holds are not logged again: it keeps the first record)."""
+    import hashlib
+
+    import wandb
+
+    mode = settings.mode if settings.mode != "auto" else ("online" if _wandb_reachable() else "offline")
+    run_id = hashlib.blake2b(os.path.abspath(checkpoint_dir).encode(), digest_size=8).hexdigest()
+    logger.info(f"W&B: project {settings.project}, run {run_id} ({mode}"
+                + (f"; `wandb sync {settings.dir or checkpoint_dir}/wandb/offline-run-*` uploads it)"
+                   if mode == "offline" else ")"))
+    return wandb.init(project=settings.project, entity=settings.entity, name=settings.name or run_name, id=run_id,
+                      resume="allow", mode=mode, dir=settings.dir or checkpoint_dir, config=config)
+
+
+def _wandb_reachable(timeout: float = 3.0) -> bool:
+    """Whether an API key is configured and the W&B server accepts a connection."""
+    import socket
+    from urllib.parse import urlparse
+
+    import wandb
+
+    if not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
+        return False
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def read_metrics(checkpoint_dir) -> dict:

@@ -94,10 +94,32 @@ class CheckpointConfig:
                              f"{OPTIMIZER_FORMATS}")
 
 
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases: every metric of metrics.jsonl (``train/*``, ``time/*``, ``eval/*``),
+    from the logging rank, in one W&B run per checkpoint directory (a resume continues it).
+    ``mode`` auto: online when an API key is configured and the server answers, else offline
+    (the run folder ``dir``/wandb holds it; ``wandb sync`` uploads it later)."""
+
+    project: Optional[str] = None  # None: no W&B
+    name: Optional[str] = None  # the W&B run's name; None: the run's ``name``
+    mode: str = "auto"
+    dir: Optional[str] = None  # None: checkpoint.dir
+    entity: Optional[str] = None  # team or user; None: W&B's default
+
+    def __post_init__(self):
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"logging.wandb.mode={self.mode!r}; expected one of {WANDB_MODES}")
+
+
 @dataclass
 class LoggingConfig:
     tensorboard_dir: Optional[str] = None  # None: no TensorBoard events
     log_every: int = 1  # a progress line every N steps
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

@@ -12,9 +12,9 @@ from typing import Callable, Iterable
 
 import sentencepiece as spm
 
+from .data import TOKENIZER_TEMPLATE
+
 PAD, EOS, BOS, UNK = 0, 1, 2, 3
-# ``data.chat_template`` value that selects the tokenizer's own chat template
-TOKENIZER_TEMPLATE = "tokenizer"
 
 
 class SentencePieceTokenizer:
@@ -82,13 +82,14 @@ class HFTokenizer:
     def tokens(self) -> list:
         return self.tok.convert_ids_to_tokens(list(range(self.vocab_size)))
 
-    def apply_chat_template(self, text: str) -> list:
-        """``text`` as one user turn followed by the assistant's turn header."""
+    def apply_chat_template(self, prompt: str | list) -> list:
+        """``prompt`` (a text: one user turn; or chat messages) followed by the assistant's turn header."""
         if not self.tok.chat_template:
             raise ValueError(f"data.chat_template={TOKENIZER_TEMPLATE!r} but tokenizer {self.path} has no chat "
                              "template (tokenizer_config.json chat_template, or chat_template.jinja)")
-        return list(self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False))
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return list(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False))
 
 
 Tokenizer = SentencePieceTokenizer | HFTokenizer

@@ -202,7 +202,8 @@ class Trainer:
         if cfg.eval.path:
             self.eval_problems = load_problems(replace(cfg.data, path=cfg.eval.path), encode, cfg.eval.max_problems)
         dist.barrier()  # the checkpoint folder exists
-        self.metrics = MetricsWriter(cfg.checkpoint.dir, cfg.logging.tensorboard_dir)
+        self.metrics = MetricsWriter(cfg.checkpoint.dir, cfg.logging.tensorboard_dir, cfg.logging.wandb, cfg.name,
+                                     flatten(cfg))
 
     def snapshot(self) -> TrainerState:
         """The run's state as a checkpoint holds it."""

@@ -8,6 +8,7 @@ arithmetic on the configuration: no torch, no Megatron.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING
 
 from .planner import kv_cache_bytes, kv_token_bytes, request_lengths
@@ -83,6 +84,10 @@ def problems(cfg: RunConfig, world_size: int) -> list[str]:
             message = kv_buffer_problem(model, r.engine, at.tensor, at.pipeline, lengths[what])
             if message:
                 out.append(f"{what}: {message}")
+    wandb = cfg.logging.wandb
+    if wandb.project and wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        out.append(f"logging.wandb.project={cfg.logging.wandb.project} needs the wandb package (pip install wandb), "
+                   "or logging.wandb.project=null")
     return out
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from ..data import Prompt, PromptDataConfig, PromptStream
+from ..data import Prompt, PromptDataConfig, PromptStream, location
 from ..megatron.inference import Generator, SamplingConfig
 from ..seeds import stream_seed
 from .answers import answers_match, extract_answer
@@ -31,7 +31,7 @@ def load_problems(config: PromptDataConfig, tokenize, max_problems: int = 0) -> 
     problems = PromptStream(config, tokenize).prompts
     for p in problems:
         if p.answer is None or str(p.answer).strip() == "":
-            raise ValueError(f"{config.path}:{p.line}: missing reference answer field {config.answer_field!r}")
+            raise ValueError(f"{location(config, p.line)}: missing reference answer field {config.answer_field!r}")
     return problems[:max_problems] if max_problems else problems
 
 
