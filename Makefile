@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.py Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -c constraints.txt -e ".[megatron,demo,nemo,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[megatron,demo,nemo,data,wandb,modelopt,dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -10,12 +10,16 @@ setup(
     packages=find_packages(include=["tropd_megatron", "tropd_megatron.*"]),
     # torch is not pinned here: on CPU machines `make` installs the local CPU wheel first;
     # on GPU clusters the container's CUDA torch is used as is.
-    install_requires=["torch>=2.4", "sentencepiece"],
+    # math-verify grades evaluation answers (evaluation/answers.py)
+    install_requires=["torch>=2.4", "sentencepiece", "math-verify[antlr4_13_2]"],
     extras_require={
         "megatron": ["megatron-core>=0.16.1,<0.20", "psutil", "tqdm", "omegaconf", "einops",
                      "safetensors", "transformers>=4.51"],  # Hugging Face checkpoints and tokenizers
         "nemo": ["nemo-run", "leptonai<0.47"],
         "demo": ["tensorboard", "matplotlib"],
+        "data": ["pyarrow", "datasets"],  # Parquet and datasets-folder prompt files
+        "wandb": ["wandb"],  # logging.wandb
+        "modelopt": ["nvidia-modelopt"],  # tropd_megatron.losses.modelopt (ModelOpt distillation criteria)
         "dev": ["pytest>=8", "pytest-timeout"],
     },
 )

@@ -1,12 +1,40 @@
-"""Final-answer extraction and checking for math reasoning outputs (MATH/AIME style).
+"""Final-answer extraction and grading for math reasoning outputs (MATH/AIME/GSM8K style).
 
-Standard library only. Numbers compare exactly (``fractions.Fraction``), so "0.5", "1/2" and
-"\\frac{1}{2}" match, while "0.333" and "1/3" do not.
+Equivalence is Hugging Face's math-verify (``math_verify.parse`` and ``verify``): the reference
+and the extracted answer are each read as LaTeX into sympy and compared, so "0.5", "1/2",
+"\\dfrac{1}{2}" and "\\boxed{\\frac12}" match, as do "x^2+2x+1" and "(x+1)^2", "\\{1,2\\}" and
+"\\{2,1\\}", "x = 5" and "5", "50\\%" and "0.5", "5\\text{ cm}" and "5"; intervals keep their
+brackets, tuples their order, and floats compare to 6 decimal places ("0.333333" matches 1/3,
+"0.333" does not).
+
+The hand-written parts, each for something math-verify does not do:
+
+- ``extract_answer`` picks the final answer out of a reasoning trace: the last ``\\boxed{}``,
+  else the last "answer is" / "answer:" / "####" phrase, else the last number. math-verify's own
+  extraction does not know GSM8K's (and the built-in task's) "####" marker (it grades
+  "#### 7\\nThe numbers 3 and 4" as 4) and merges every ``\\boxed{}`` of a trace that corrects
+  itself into one set; the extracted string also goes into the results file as written.
+- ``_parse`` wraps each answer in ``\\boxed{}`` (math-verify reads LaTeX only inside a math
+  environment: it finds nothing in a bare "\\sqrt{2}" or "(1, 2)") after three rewrites:
+  ``_clean`` (outer "$", a final "."; math-verify cannot read "4."), "°" as "^\\circ" (it
+  reads only the LaTeX degree), and ``_DIGIT_GAP``: digits split only by spaces ("10 000",
+  "10\\,000") are one number, as in thousands grouping, where math-verify reads juxtaposed
+  numbers as a mixed number and adds them ("1 234" is 235, "10\\,000" is 10*0 = 0).
+- ``_timeout``: math-verify's timeouts use SIGALRM, which only the main thread may set (it
+  raises elsewhere); off it they are off. Worker processes (fork, spawn, forkserver) run in
+  their own main thread and keep them. math-verify's ``alarm(0)`` also cancels a timer its
+  caller armed (pytest-timeout's, for one), so what is left of that timer is re-armed.
 """
 from __future__ import annotations
 
 import re
-from fractions import Fraction
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from functools import lru_cache
+
+from math_verify import LatexExtractionConfig, parse, verify
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _PHRASE = re.compile(r"\banswer\s*(?:is\b\s*:?|:)|####", re.IGNORECASE)
@@ -14,11 +42,9 @@ _NUMBER = re.compile(
     r"(?:(?<![\w)\]}])-)?"  # a minus directly after an operand is subtraction, not a sign
     r"(?:\d+/\d+|(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
 )
-_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox)\s*\{([^{}]*)\}")
-_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_DECIMAL = r"[+-]?(?:\d+(?:\.\d+)?|\.\d+)"
-_FRAC_ARG = r"(\{[^{}]*\}|\d)"  # \frac{12}{5} or \frac12 (single digits only)
-_OPEN, _CLOSE = "([{", ")]}"
+_DIGIT_GAP = re.compile(r"(?<=\d)(?:\s|\\[,!;: ])+(?=\d)")
+_LATEX = [LatexExtractionConfig()]
+TIMEOUT_S = 5  # math-verify's default, per parse and per comparison
 
 
 def _clean(s: str) -> str:
@@ -74,85 +100,35 @@ def extract_answer(text: str) -> str | None:
     return _clean(numbers[-1]) if numbers else None
 
 
-def normalize_answer(ans: str) -> str:
-    """Canonical string form of an answer, for exact string comparison."""
-    s = _WRAPPER.sub(r"\1", ans)
-    s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)
-    s = re.sub(r"\\[!,;: ]", "", s)
-    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
-    s = re.sub(r"\^\s*(?:\{\s*\\circ\s*\}|\\circ)|°", "", s)
-    s = s.replace("\\$", "").replace("$", "").replace("\\%", "%")
-    s = re.sub(r"\s+", "", s).rstrip(".")
-    s = re.sub(r"^[A-Za-z]=", "", s)
-    if _THOUSANDS.fullmatch(s):
-        s = s.replace(",", "")
-    return s
+@contextmanager
+def _timeout():
+    """math-verify's timeout for this thread: TIMEOUT_S on the main thread, else None (no
+    SIGALRM there). Re-arms afterwards what was left of a real-time timer the caller had set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    left, interval = signal.getitimer(signal.ITIMER_REAL)
+    start = time.monotonic()
+    try:
+        yield TIMEOUT_S
+    finally:
+        if left:  # a timer that ran out meanwhile fires now
+            signal.setitimer(signal.ITIMER_REAL, max(left - (time.monotonic() - start), 1e-6), interval)
 
 
-def _plain_number(s: str) -> Fraction | None:
-    return Fraction(s) if re.fullmatch(_DECIMAL, s) else None
-
-
-def _ratio(num: Fraction | None, den: Fraction | None) -> Fraction | None:
-    if num is None or den is None or den == 0:
-        return None
-    return num / den
-
-
-def parse_number(ans: str) -> Fraction | None:
-    """Exact value of an integer, decimal, a/b or \\frac; None otherwise (percentages too)."""
-    s = normalize_answer(ans)
-    m = re.fullmatch(rf"(-?)\\frac{_FRAC_ARG}{_FRAC_ARG}", s)
-    if m:
-        value = _ratio(_plain_number(m[2].strip("{}")), _plain_number(m[3].strip("{}")))
-        return -value if value is not None and m[1] else value
-    m = re.fullmatch(rf"({_DECIMAL})/({_DECIMAL})", s)
-    if m:
-        return _ratio(_plain_number(m[1]), _plain_number(m[2]))
-    return _plain_number(s)
-
-
-def _encloses(s: str) -> bool:
-    depth = 0
-    for c in s[:-1]:
-        depth += (c in _OPEN) - (c in _CLOSE)
-        if depth == 0:
-            return False
-    return True
-
-
-def _split_tuple(s: str) -> tuple[str, list[str]] | None:
-    """(delimiters, elements) for "(a,b)", "[a,b)", "a,b"; None for a single element."""
-    delims = ""
-    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _encloses(s):
-        delims, s = s[0] + s[-1], s[1:-1]
-    items, depth, start = [], 0, 0
-    for i, c in enumerate(s):
-        depth += (c in _OPEN) - (c in _CLOSE)
-        if c == "," and depth == 0:
-            items.append(s[start:i])
-            start = i + 1
-    items.append(s[start:])
-    return (delims, items) if len(items) > 1 else None
+@lru_cache(maxsize=4096)  # references recur n times, and short answers recur across problems
+def _parse(answer: str, timeout: int | None) -> tuple:
+    answer = _DIGIT_GAP.sub("", _clean(answer).replace("°", "^{\\circ}"))
+    return tuple(parse("\\boxed{" + answer + "}", _LATEX, parsing_timeout=timeout))
 
 
 def answers_match(predicted: str | None, reference: str) -> bool:
-    """Equal normalized strings, equal exact numbers, or element-wise equal tuples/intervals."""
+    """Whether the extracted answer ``predicted`` equals ``reference`` by math-verify (False for
+    None or empty; answers that do not parse as LaTeX compare as their normalized strings)."""
     if predicted is None:
         return False
-    p, r = normalize_answer(predicted), normalize_answer(reference)
-    if not p or not r:
-        return False
-    if p == r:
-        return True
-    p_num, r_num = parse_number(p), parse_number(r)
-    if p_num is not None and r_num is not None:
-        return p_num == r_num
-    p_tup, r_tup = _split_tuple(p), _split_tuple(r)
-    # Delimiters must agree: (1,2) vs [1,2] are different intervals, (1,2) vs 1,2 point vs list.
-    if p_tup and r_tup and p_tup[0] == r_tup[0] and len(p_tup[1]) == len(r_tup[1]):
-        return all(answers_match(a, b) for a, b in zip(p_tup[1], r_tup[1]))
-    return False
+    with _timeout() as timeout:
+        return verify(list(_parse(reference, timeout)), list(_parse(predicted, timeout)), timeout_seconds=timeout)
 
 
 def score(predictions: list[str], reference: str) -> float:
