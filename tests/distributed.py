@@ -53,11 +53,19 @@ def _worker(rank, world_size, port, fn, args, queue, backend):
             dist.destroy_process_group()
 
 
-def run_workers(fn, world_size: int, *args, timeout: float = 90.0, backend: str = "gloo"):
+# gloo workers are forked (about 1 s a launch); NCCL workers are spawned: a forked child of a
+# parent that has initialised CUDA (pytest's skip conditions call torch.cuda.is_available())
+# fails with "Cannot re-initialize CUDA in forked subprocess"
+START_METHODS = {"gloo": "fork", "nccl": "spawn"}
+
+
+def run_workers(fn, world_size: int, *args, timeout: float = 90.0, backend: str = "gloo",
+                start_method: str | None = None):
     """fn(rank, world_size, *args) on each rank; returns the per-rank results (tensors come
     back as numpy arrays). Raises with every rank's traceback on error or timeout. ``nccl``:
-    one GPU a rank (the parent must not have initialised CUDA: the workers are forked)."""
-    ctx = mp.get_context("fork")
+    one GPU a rank. ``start_method``: default START_METHODS[backend] (a spawned worker imports
+    ``fn``'s module, so ``fn`` and ``args`` must be picklable)."""
+    ctx = mp.get_context(start_method or START_METHODS[backend])
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, backend))

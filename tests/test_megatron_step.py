@@ -460,3 +460,22 @@ def test_old_checkpoints_are_deleted_and_a_kill_while_deleting_leaves_latest_loa
     assert entries == [".deleting_step_00000003", "latest", "step_00000002", "step_00000004", "step_00000005"]
     step, after = run_workers(_retention_after_kill_worker, 1, str(killed))[0]
     assert step == 5 and after == ["latest", "step_00000002", "step_00000004", "step_00000005", "step_00000006"]
+
+
+def test_device_settings_of_the_gpu_path():
+    """What a GPU run's TransformerConfig gets, decided here without one: on-device init, and
+    the fused kernels only with TransformerEngine; CPU: host init (identical weights at any TP
+    size), no fusions, no p2p sync."""
+    from tropd_megatron.megatron.models import device_settings, transformer_config
+
+    assert device_settings(on_gpu=True, have_te=True) == dict(
+        use_cpu_initialization=False, batch_p2p_sync=True, apply_rope_fusion=True, bias_activation_fusion=True,
+        gradient_accumulation_fusion=True)
+    no_te = device_settings(on_gpu=True, have_te=False)
+    assert not any(no_te[k] for k in ("use_cpu_initialization", "apply_rope_fusion", "bias_activation_fusion",
+                                      "gradient_accumulation_fusion"))
+    assert device_settings(on_gpu=False, have_te=False) == dict(
+        use_cpu_initialization=True, batch_p2p_sync=False, apply_rope_fusion=False, bias_activation_fusion=False,
+        gradient_accumulation_fusion=False)
+    config = transformer_config(STUDENT, ParallelConfig(1, 1))  # this machine: the CPU settings
+    assert config.use_cpu_initialization and not config.apply_rope_fusion and not config.batch_p2p_sync

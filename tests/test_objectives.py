@@ -88,7 +88,7 @@ def reference_case(batch, case):
     return loss.item(), n.item(), x.grad.numpy()
 
 
-def reference_metrics(batch, use_prefix):
+def reference_metrics(batch, use_prefix, config=None, use_rollout=False):
     vocab = batch["vocab"]
     target = batch["target"].clamp_min(0)
     lp = ref.log_probs(batch["student"], vocab).gather(-1, target[..., None])[..., 0]
@@ -97,12 +97,17 @@ def reference_metrics(batch, use_prefix):
     r = lq - lp
     k1, _, k3 = kl_estimators(r)
     mean = lambda v: ((v * w).sum() / w.sum()).item()  # noqa: E731
-    return {
+    out = {
         "log_ratio": mean(r), "kl_k1": mean(k1), "kl_k3": mean(k3),
         "teacher_entropy": mean(ref.entropy(batch["teacher"], vocab)),
         "student_entropy": mean(ref.entropy(batch["student"], vocab)),
         "policy_tokens": w.sum().item(),
     }
+    if use_rollout:  # the train / rollout mismatch: mean |log rho| and PPO's clipped share
+        log_rho = lp - batch["rollout"].double()
+        out["rollout_log_ratio_abs"] = mean(log_rho.abs())
+        out["rollout_clip_fraction"] = mean(((log_rho.exp() - 1).abs() > config.ppo_clip).double())
+    return out
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -117,9 +122,11 @@ def test_objectives_match_reference(tp):
         ranks = run_workers(_all_cases_worker, tp, batch)
     results = iter(range(len(ranks[0])))
     for case in CASES:
-        name, _, use_prefix, _, _ = case
+        name, config, use_prefix, use_rollout, _ = case
         exp_loss, exp_n, exp_grad = reference_case(batch, case)
-        exp_metrics = reference_metrics(batch, use_prefix)
+        exp_metrics = reference_metrics(batch, use_prefix, config, use_rollout)
+        if use_rollout:  # the test's rollout log-probs are off-policy: some tokens are clipped, not all
+            assert 0 < exp_metrics["rollout_clip_fraction"] < 1 and exp_metrics["rollout_log_ratio_abs"] > 0
         for mode in modes(case):
             i = next(results)
             what = f"{name} [{mode}, TP={tp}]"

@@ -41,6 +41,9 @@ def test_two_steps_at_tp2_leave_checkpoint_eval_and_logs(tmp_path):
                     "logging.wandb.mode=offline"])
     assert out.returncode == 0, out.stderr[-3000:]
     # Weights & Biases, offline: one run (from the logging rank) holding every step's metrics
+    # the train / rollout log-prob mismatch is logged (CPU: the engine's log-probs are the training forward's)
+    first = read_metrics(tmp_path / "run")[1]
+    assert first["rollout_log_ratio_abs"] < 1e-4 and first["rollout_clip_fraction"] == 0
     wandb = wandb_history(tmp_path / "run")
     for step, record in read_metrics(tmp_path / "run").items():
         assert wandb[step]["train/loss"] == record["loss"] and wandb[step]["time/total"] == record["seconds"]["total"]

@@ -190,6 +190,13 @@ def distillation_loss(
         "teacher_entropy": token_sum(signal.entropy),
         "student_entropy": token_sum(student_entropy),
     }
+    if rollout_logprobs is not None:
+        # the train / rollout mismatch: |log rho| and the share of tokens PPO's clip cuts off
+        # (0 where the engine's log-probs are the training forward's, as on CPU; bf16 kernels
+        # on GPU differ)
+        log_rho = logprob.detach().float() - rollout_logprobs.detach().float()
+        metrics["rollout_log_ratio_abs"] = token_sum(log_rho.abs())
+        metrics["rollout_clip_fraction"] = token_sum((log_rho.exp() - 1).abs() > config.ppo_clip)
     return loss_sum, (weight != 0).sum().to(torch.int32), metrics
 
 

@@ -14,7 +14,7 @@ from megatron.core.transformer import TransformerConfig
 
 from ..losses import VocabShard
 from . import cpu
-from .compat import gpt_decoder_spec
+from .compat import HAVE_TE, gpt_decoder_spec
 from .config import ModelConfig, ParallelConfig
 from .groups import ModelGroups
 
@@ -42,6 +42,25 @@ def initialize(parallel: ParallelConfig, seed: int = 0) -> None:
         )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def device_settings(*, on_gpu: bool, have_te: bool) -> dict:
+    """The TransformerConfig settings that follow the device and the kernel library; a pure
+    function, so that the GPU's choices are tested on CPU.
+
+    - CPU: weights drawn whole on the host and sliced (``use_cpu_initialization``: identical
+      weights at any TP size for one seed, what the parity tests rely on). GPU: drawn on the
+      device per shard (a 70B model's full host-side init would take minutes before its
+      checkpoint overwrites it; random-weight runs then differ across TP sizes).
+    - GPU with TransformerEngine: fused RoPE (the unfused THD path splits and syncs per packed
+      sequence in every layer), fused SwiGLU (``bias_activation_fusion``; Megatron's
+      ``bias_swiglu`` takes no bias too) and fused weight-gradient accumulation into the DDP's
+      fp32 ``main_grad`` (TE's linear layers). Without TE these kernels do not exist.
+    - The p2p sync calls ``torch.cuda.synchronize`` (GPU only).
+    """
+    fused = on_gpu and have_te
+    return dict(use_cpu_initialization=not on_gpu, batch_p2p_sync=on_gpu, apply_rope_fusion=fused,
+                bias_activation_fusion=fused, gradient_accumulation_fusion=fused)
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
@@ -73,9 +92,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        use_cpu_initialization=True,  # identical weights at any TP size for a given seed
         calculate_per_token_loss=True,  # the loss returns (sum, token count): global token mean
-        batch_p2p_sync=not cpu.on_cpu(),  # the sync calls torch.cuda.synchronize
+        **device_settings(on_gpu=not cpu.on_cpu(), have_te=HAVE_TE),
     )
 
 
