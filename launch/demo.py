@@ -35,7 +35,7 @@ LAST_EVALS = 3
 # What `make demo` without overrides gave across CPU models, kernel pins and seeds (the runs
 # are listed in docs/results.md): float rounding differs by CPU, rollouts are sampled, and a
 # last-bit difference sends a run down another path of the same quality.
-EXPECTED = {"teacher_accuracy": (0.66, 0.78), "student_accuracy_last_mean": (0.24, 0.38)}
+EXPECTED = {"teacher_accuracy": (0.64, 0.78), "student_accuracy_last_mean": (0.24, 0.38)}
 
 
 def band_lines(summary: dict, overridden: bool) -> list[str]:
