@@ -70,7 +70,8 @@ GPU_PYTHON ?= python3
 GPU_OUT ?= runs/gpu
 test-gpu:
 	@mkdir -p $(GPU_OUT)
-	$(GPU_PYTHON) -c "import torch; assert torch.cuda.is_available(), 'make test-gpu: no CUDA GPU'; \
+	$(GPU_PYTHON) -m tropd_megatron.platform gpu-requirements.txt
+	$(GPU_PYTHON) -c "import torch; \
 		print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
 	$(GPU_PYTHON) -m pytest -q -rs -m gpu tests/test_gpu.py
 	$(GPU_PYTHON) -m torch.distributed.run --nproc-per-node 1 bench/losses.py --tokens 8192 --vocab 131072 \

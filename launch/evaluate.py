@@ -35,10 +35,11 @@ def main(argv=None) -> None:
     from tropd_megatron.megatron import build_gpt, initialize
     from tropd_megatron.validate import validate
     from tropd_megatron.megatron.inference import Generator
+    from tropd_megatron.platform import Platform
     from tropd_megatron.tokenizer import load_tokenizer, prompt_encoder
     from tropd_megatron.train import load_weights, run_models, trained_student
 
-    validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    validate(cfg, int(os.environ.get("WORLD_SIZE", 1)), Platform.detect())
     initialize(cfg.parallel, seed=cfg.schedule.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
     student_model, _ = run_models(cfg)

@@ -32,7 +32,9 @@ def main(argv=None) -> None:
     from tropd_megatron.validate import validate
 
     world = int(os.environ.get("WORLD_SIZE", 1))
-    validate(config, world)  # before anything is imported, loaded or built
+    from tropd_megatron.platform import Platform
+
+    validate(config, world, Platform.detect())  # before anything is loaded or built
     if config.gpu != "cpu":  # refuse a layout that cannot fit before loading 100 GB of weights
         from launch.plan import check_fits
 

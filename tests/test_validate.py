@@ -92,3 +92,58 @@ def test_launchers_refuse_before_loading_anything(tmp_path, launcher):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "world size 3 is not divisible by parallel.tensor x parallel.pipeline = 2 x 1" in out.stderr
     assert "optim.warmup_steps=300 must be below schedule.steps=200" in out.stderr
+
+
+def test_gpu_platform_refusals_forced_on_cpu():
+    """What megatron-core / TransformerEngine would assert deep inside a GPU run, refused up
+    front against a made-up platform: the dynamic engine without flash-attn >= 2.7.3 (or FA3),
+    fp32 models on the dynamic engine (its KV cache takes the model's dtype, flash-attn only
+    fp16 / bf16), packed fp32 rows with TE < 2.11 (no THD fp32 attention backend)."""
+    from tropd_megatron.platform import Platform
+
+    tiny = get_recipe("tiny")  # fp32, dynamic engine, packed
+    bf16 = get_recipe("tiny", ["student.model.dtype=bf16", "teacher.model.dtype=bf16"])
+    good_gpu = Platform(cuda=True, flash_attn=(2, 8, 3), transformer_engine=(2, 11, 0))
+    assert problems(bf16, 2, good_gpu) == [] and problems(bf16, 2, Platform(cuda=True, flash_attn_3=True)) == []
+    assert problems(tiny, 2, Platform(cuda=False)) == []  # CPU: fp32 and no flash-attn are fine
+    found = problems(tiny, 2, good_gpu)
+    assert found == ["student.model.dtype=fp32 with rollout.engine.name=dynamic on a GPU: the engine's KV cache takes "
+                     "the model's dtype and flash-attn only fp16 / bf16; set student.model.dtype=bf16, or "
+                     "rollout.engine.name=static"]
+    guided = get_recipe("tiny", ["rollout.prefix_share_start=0.5", "rollout.prefix_tokens_start=4"])
+    assert any(p.startswith("teacher.model.dtype=fp32 with rollout.engine.name=dynamic") for p in
+               problems(guided, 2, good_gpu))
+    for flash_attn, shown in ((None, "not installed"), ((2, 6, 3), "2.6.3")):
+        found = problems(bf16, 2, Platform(cuda=True, flash_attn=flash_attn, transformer_engine=(2, 11, 0)))
+        assert found == [f"rollout.engine.name=dynamic needs flash-attn >= 2.7.3 or FA3 on a GPU (megatron-core asserts "
+                         f"it in the first generation step); flash-attn: {shown}. Install it (the pinned GPU stack, "
+                         "docs/tests.md) or set rollout.engine.name=static"]
+    static = get_recipe("tiny", ["rollout.engine.name=static"])
+    old_te = Platform(cuda=True, transformer_engine=(2, 9, 0))
+    found = problems(static, 2, old_te)
+    assert len(found) == 2 and all("needs TransformerEngine >= 2.11" in p and "TE 2.9.0" in p for p in found)
+    assert problems(get_recipe("tiny", ["rollout.engine.name=static", "rollout.packing=false"]), 2, old_te) == []
+    import torch
+
+    assert Platform.detect().cuda == torch.cuda.is_available()
+
+
+def test_the_pinned_gpu_stack_check_names_what_is_missing(tmp_path):
+    """`make test-gpu` starts with this check: on this CPU machine it names CUDA and every
+    pinned package it lacks (and a wrong version), exits 1, and passes on a stack that matches."""
+    from tropd_megatron.platform import Platform, gpu_stack_problems
+
+    out = subprocess.run([sys.executable, "-m", "tropd_megatron.platform", "gpu-requirements.txt"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    import torch
+
+    if not torch.cuda.is_available():
+        assert out.returncode == 1 and "make test-gpu: no CUDA GPU" in out.stderr
+        assert "transformer-engine==2.11.0 is not installed" in out.stderr and "flash-attn==2.8.3" in out.stderr
+    import importlib.metadata
+
+    omegaconf, sentencepiece = (importlib.metadata.version(n) for n in ("omegaconf", "sentencepiece"))
+    pins = tmp_path / "pins.txt"
+    pins.write_text(f"# comment\nomegaconf=={omegaconf}\nsentencepiece==0.0.1  # wrong on purpose\nnot-a-pkg==1.0\n")
+    assert gpu_stack_problems(str(pins), Platform(cuda=True)) == [
+        f"sentencepiece {sentencepiece} is installed; the pinned stack has 0.0.1", "not-a-pkg==1.0 is not installed"]

@@ -36,6 +36,7 @@ from .megatron.inference import Generator
 from .megatron.iteration import run_iteration
 from .megatron.step import any_rank
 from .planner import request_lengths
+from .platform import Platform
 from .run_config import RunConfig, flatten, resume_conflicts, to_yaml
 from .validate import validate
 from .tokenizer import check_same_vocabulary, check_tokenizer, load_tokenizer, prompt_encoder
@@ -148,7 +149,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         initialize(cfg.parallel, seed=cfg.schedule.seed)
-        validate(cfg, dist.get_world_size())  # before any file is read or model built
+        validate(cfg, dist.get_world_size(), Platform.detect())  # before any file is read or model built
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         check_tokenizer(cfg, self.tokenizer)
         teacher_tokenizer = self.tokenizer

@@ -12,15 +12,18 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from .planner import kv_cache_bytes, kv_token_bytes, request_lengths
+from .platform import TE_THD_FP32_MIN, Platform
 
 if TYPE_CHECKING:
     from .run_config import RunConfig
 
 
-def problems(cfg: RunConfig, world_size: int) -> list[str]:
+def problems(cfg: RunConfig, world_size: int, platform: Platform | None = None) -> list[str]:
     """Every cross-setting problem of ``cfg`` on ``world_size`` processes, each naming the keys
-    and values involved (empty: the run can start)."""
-    out = []
+    and values involved (empty: the run can start). ``platform``: the machine's CUDA and
+    kernel libraries (``Platform.detect()``); None: those checks are skipped (planning a run
+    for another machine)."""
+    out = [] if platform is None else platform_problems(cfg, platform)
     p, t, r, s = cfg.parallel, cfg.teacher_parallel, cfg.rollout, cfg.rollout.sampling
     layout = p.tensor * p.pipeline
     if world_size % layout:
@@ -91,6 +94,33 @@ def problems(cfg: RunConfig, world_size: int) -> list[str]:
     return out
 
 
+def platform_problems(cfg: RunConfig, platform: Platform) -> list[str]:
+    """What the GPU path would assert (or fail on) deep inside megatron-core or TE."""
+    if not platform.cuda:
+        return []
+    out = []
+    r = cfg.rollout
+    guided = max(r.prefix_share_start, r.prefix_share_end) > 0 and max(r.prefix_tokens_start, r.prefix_tokens_end) > 0
+    generating = (("student", cfg.student.model),) + ((("teacher", cfg.teacher.model),) if guided else ())
+    if r.engine.name == "dynamic":
+        if problem := platform.dynamic_engine_problem():
+            out.append(problem)
+        for what, model in generating:  # its KV cache takes the model's dtype; flash-attn takes fp16 / bf16
+            if model.dtype == "fp32":
+                out.append(f"{what}.model.dtype=fp32 with rollout.engine.name=dynamic on a GPU: the engine's KV "
+                           "cache takes the model's dtype and flash-attn only fp16 / bf16; set "
+                           f"{what}.model.dtype=bf16, or rollout.engine.name=static")
+    te = platform.transformer_engine
+    if r.packing and te is not None and te < TE_THD_FP32_MIN:
+        for what, model in (("student", cfg.student.model), ("teacher", cfg.teacher.model)):
+            if model.dtype == "fp32":
+                out.append(f"rollout.packing=true with {what}.model.dtype=fp32 needs TransformerEngine >= "
+                           f"{'.'.join(map(str, TE_THD_FP32_MIN))} (packed rows run as THD sequences, which TE "
+                           f"{'.'.join(map(str, te))} has no fp32 attention backend for); use bf16, "
+                           "rollout.packing=false, or a newer TE")
+    return out
+
+
 def kv_buffer_problem(model, engine, tensor: int, pipeline: int, request_tokens: int, gib: float | None = None):
     """Why a dynamic engine's KV buffer cannot run (too small for one request of the longest
     length, which would never finish), or None."""
@@ -106,8 +136,8 @@ def kv_buffer_problem(model, engine, tensor: int, pipeline: int, request_tokens:
             f"tokens needs {needed}: raise it to at least {(needed + 1) * block / 2**30:.3g}")
 
 
-def validate(cfg: RunConfig, world_size: int) -> None:
+def validate(cfg: RunConfig, world_size: int, platform: Platform | None = None) -> None:
     """Raise ValueError listing every problem ``problems`` finds."""
-    found = problems(cfg, world_size)
+    found = problems(cfg, world_size, platform)
     if found:
         raise ValueError("the configuration cannot run:\n  " + "\n  ".join(found))
