@@ -5,14 +5,17 @@ gets the rest: 200 steps of 128 prompts x 4 rollouts, lr 5e-6 with 10 warmup ste
 tokenizer's chat template, teacher-prefix guidance on half the rollouts at first (256 tokens,
 decaying linearly to none), the dynamic engine with every rollout of a rank in flight, packed
 micro-batches of one row, sequence parallelism, the distributed optimizer, a gradient-norm
-spike guard, a checkpoint every 10 steps (the last 3 kept), avg@4 evaluation at temperature 0.6.
+spike guard, a checkpoint every 10 steps (the last 3 kept), avg@4 evaluation at temperature 0.6,
+and the truncated importance weight for the rollouts' log-probs (``importance="tis"``: the
+rollouts are fresh, one update each, and only the inference kernels differ from training's).
 """
 from tropd_megatron.data import PromptDataConfig
+from tropd_megatron.losses import EOPDConfig, OPDConfig, REOPOLDConfig, TrOPDConfig
 from tropd_megatron.megatron.config import ModelConfig, OptimConfig, ParallelConfig, TeacherParallelConfig
 from tropd_megatron.megatron.inference import EngineConfig, SamplingConfig
 from tropd_megatron.megatron.rollout import RolloutConfig
-from tropd_megatron.run_config import (CheckpointConfig, EvalConfig, LoggingConfig, ModelSpec, RunConfig,
-                                       ScheduleConfig, TeacherSpec)
+from tropd_megatron.run_config import (CheckpointConfig, EvalConfig, LoggingConfig, ModelSpec, ObjectiveChoice,
+                                       RunConfig, ScheduleConfig, TeacherSpec)
 
 
 def paper_schedule(*, name: str, root: str, teacher: ModelConfig, teacher_folder: str, student: ModelConfig,
@@ -32,6 +35,8 @@ def paper_schedule(*, name: str, root: str, teacher: ModelConfig, teacher_folder
         rollout=RolloutConfig(SamplingConfig(max_new_tokens=max_new_tokens), rollouts_per_prompt=4,
                               micro_batch_size=1, engine=EngineConfig(max_requests=128, kv_cache_gib=kv_cache_gib),
                               prefix_share_start=0.5, prefix_tokens_start=256),
+        objective=ObjectiveChoice(opd=OPDConfig(importance="tis"), eopd=EOPDConfig(importance="tis"),
+                                  reopold=REOPOLDConfig(importance="tis"), tropd=TrOPDConfig(importance="tis")),
         optim=OptimConfig(lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.01, spike_factor=10.0),
         schedule=ScheduleConfig(steps=200, prompts_per_step=128),
         checkpoint=CheckpointConfig(dir=f"{root}/runs/{name}", save_every=10),

@@ -44,10 +44,13 @@ def topk_fkl(lp_top, lq_top, variant):
     return (q * (lq_top - lp_top)).sum(-1) + q_tail * (q_tail.log() - p_tail.log())
 
 
-def pg(lp_y, reward, rollout, eps):
+def pg(lp_y, reward, rollout, config):
     if rollout is None:
         return -reward * lp_y
     ratio = torch.exp(lp_y - rollout)
+    if config.importance == "tis":  # truncated importance weight, no gradient through it
+        return -ratio.detach().clamp_max(config.tis_cap) * reward * lp_y
+    eps = config.ppo_clip
     return -torch.minimum(ratio * reward, ratio.clamp(1 - eps, 1 + eps) * reward)
 
 
@@ -72,7 +75,7 @@ def objective(config, student, teacher, y, mask, *, vocab, prefix=None, rollout=
         per = forward_kl(student, teacher, vocab) if config.direction == "forward" else reverse_kl(student, teacher, vocab)
     elif isinstance(config, EOPDConfig):
         gate = (entropy(teacher, vocab) > config.entropy_threshold).double()
-        per = pg(lp_y, r, ro, config.ppo_clip) + config.alpha * gate * topk_term(config.topk, config.topk_kl)
+        per = pg(lp_y, r, ro, config) + config.alpha * gate * topk_term(config.topk, config.topk_kl)
     elif isinstance(config, REOPOLDConfig):
         b = math.log(config.lam / (1 - config.lam)) if config.reward_floor == "log_odds" else math.log(config.lam) / (1 - config.lam)
         if step < config.switch_step:
@@ -80,20 +83,20 @@ def objective(config, student, teacher, y, mask, *, vocab, prefix=None, rollout=
         else:
             hs = entropy(student, vocab).detach()
             m = (hs >= torch.quantile(hs[pol > 0], config.entropy_quantile)).double()
-        per = m * pg(lp_y, r.clamp_min(b), ro, config.ppo_clip)
+        per = m * pg(lp_y, r.clamp_min(b), ro, config)
     elif isinstance(config, TrOPDConfig):
         if config.trust == "deterministic":
             m = (r >= config.trust_threshold).double()
         else:
             u = token_uniforms(config.seed, step, sequence_token_keys(y, mask if keys_mask is None else keys_mask)).double()
             m = (u < torch.clamp(torch.exp(r), max=1.0)).double()
-        per = m * pg(lp_y, r, ro, config.ppo_clip)
+        per = m * pg(lp_y, r, ro, config)
         if config.outlier == "clip":
-            per = per + (1 - m) * pg(lp_y, r.clamp_min(config.outlier_clip), ro, config.ppo_clip)
+            per = per + (1 - m) * pg(lp_y, r.clamp_min(config.outlier_clip), ro, config)
         elif config.outlier == "fkl":
             per = per + (1 - m) * topk_term(config.topk, config.topk_kl)
     elif isinstance(config, OPDConfig):
-        per = pg(lp_y, r, ro, config.ppo_clip)
+        per = pg(lp_y, r, ro, config)
     else:
         raise TypeError(config)
     loss = (per * pol).sum()

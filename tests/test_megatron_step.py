@@ -479,3 +479,35 @@ def test_device_settings_of_the_gpu_path():
         gradient_accumulation_fusion=False)
     config = transformer_config(STUDENT, ParallelConfig(1, 1))  # this machine: the CPU settings
     assert config.use_cpu_initialization and not config.apply_rope_fusion and not config.batch_p2p_sync
+
+
+def _layers_worker(rank, world, path):
+    initialize(ParallelConfig(1, 1), seed=0)
+    model = build_gpt(STUDENT, ParallelConfig(1, 1))
+    try:
+        load_checkpoint(path, model)
+    except ValueError as e:
+        return str(e)
+    return "loaded"
+
+
+def test_a_checkpoint_of_the_other_layer_kind_is_refused_by_name(initial, tmp_path):
+    """Checkpoints record which layers wrote them (TE's and the local spec's parameter names
+    differ); loading one into the other kind says so and the way out (through Hugging Face)."""
+    import json
+    import shutil
+
+    from tropd_megatron.megatron.checkpoint import TRAINER_STATE
+
+    source = os.path.join(initial, "student", "step_00000000")
+    assert json.load(open(os.path.join(source, TRAINER_STATE)))["layers"] == "local"  # this CPU machine
+    copy = tmp_path / "step_00000000"
+    shutil.copytree(source, copy)
+    meta = json.load(open(copy / TRAINER_STATE))
+    (copy / TRAINER_STATE).write_text(json.dumps({**meta, "layers": "transformer_engine"}))
+    message = run_workers(_layers_worker, 1, str(copy))[0]
+    assert "was written with transformer_engine layers and this run builds local ones" in message
+    assert "launch.export" in message
+    del meta["layers"]  # a checkpoint from before the record loads as before
+    (copy / TRAINER_STATE).write_text(json.dumps(meta))
+    assert run_workers(_layers_worker, 1, str(copy))[0] == "loaded"

@@ -31,6 +31,7 @@ RTOL, ATOL = 1e-5, 1e-5  # fp32 shard arithmetic against fp64
 CASES = [
     ("opd", OPDConfig(), False, False, 0),
     ("opd_stale", OPDConfig(ppo_clip=0.2), False, True, 0),
+    ("opd_stale_tis", OPDConfig(importance="tis", tis_cap=1.5), False, True, 0),
     ("eopd", EOPDConfig(entropy_threshold=2.0, topk=8), False, False, 0),
     ("eopd_renorm", EOPDConfig(entropy_threshold=2.0, topk=8, topk_kl="renormalised", alpha=0.5), False, False, 0),
     ("eopd_tail", EOPDConfig(entropy_threshold=0.0, topk=8, topk_kl="tail"), False, False, 0),
@@ -40,6 +41,7 @@ CASES = [
     ("tropd_det_clip", TrOPDConfig(trust="deterministic", outlier="clip", outlier_clip=-0.5), False, False, 0),
     ("tropd_det_mask", TrOPDConfig(trust="deterministic", trust_threshold=-0.7, outlier="mask"), False, False, 0),
     ("tropd_tail_stale", TrOPDConfig(topk=16, topk_kl="tail"), False, True, 2),
+    ("tropd_tis", TrOPDConfig(topk=16, importance="tis", tis_cap=1.5), False, True, 2),
     ("tropd_prefix", TrOPDConfig(topk=16, prefix_beta=0.3), True, False, 30),
     ("dense_fkl", DenseKLConfig("forward"), False, False, 0),
     ("dense_rkl", DenseKLConfig("reverse"), False, False, 0),
@@ -106,7 +108,9 @@ def reference_metrics(batch, use_prefix, config=None, use_rollout=False):
     if use_rollout:  # the train / rollout mismatch: mean |log rho| and PPO's clipped share
         log_rho = lp - batch["rollout"].double()
         out["rollout_log_ratio_abs"] = mean(log_rho.abs())
-        out["rollout_clip_fraction"] = mean(((log_rho.exp() - 1).abs() > config.ppo_clip).double())
+        rho = log_rho.exp()
+        clipped = rho > config.tis_cap if config.importance == "tis" else (rho - 1).abs() > config.ppo_clip
+        out["rollout_clip_fraction"] = mean(clipped.double())
     return out
 
 

@@ -24,6 +24,9 @@ def _check(obj, name: str, ok: bool, requirement: str) -> None:
         raise ValueError(f"{type(obj).__name__}.{name}={getattr(obj, name)!r}; must be {requirement}")
 
 
+IMPORTANCE = ("ppo", "tis")
+
+
 @dataclass
 class OPDConfig:
     """On-policy distillation: L_t = -r_t log p_S(y_t), r_t = sg(log p_T(y_t) - log p_S(y_t))."""
@@ -36,10 +39,20 @@ class OPDConfig:
     uses_rollout_logprobs: ClassVar[bool] = True
     uses_prefix_mask: ClassVar[bool] = False
 
-    ppo_clip: float = 0.2  # eps of the clipped importance ratio (used with rollout_logprobs)
+    # how rollout_logprobs weight the policy-gradient term, rho = p_train(y) / p_rollout(y):
+    # "ppo": PPO's clipped -min(rho A, clip(rho, 1 - ppo_clip, 1 + ppo_clip) A), for stale
+    # rollouts (several updates on one batch); "tis": the truncated importance weight
+    # -sg(min(rho, tis_cap)) A log p(y), for fresh rollouts whose sampler (the inference engine's
+    # kernels) differs slightly from the training forward: it corrects that mismatch without
+    # PPO's clip dropping the gradient of tokens where the two kernels disagree by > ppo_clip
+    importance: str = "ppo"
+    ppo_clip: float = 0.2
+    tis_cap: float = 2.0
 
     def __post_init__(self):
         _check(self, "ppo_clip", 0 < self.ppo_clip < 1, "in (0, 1)")
+        _check(self, "importance", self.importance in IMPORTANCE, f"one of {IMPORTANCE}")
+        _check(self, "tis_cap", self.tis_cap >= 1, ">= 1")
 
     @property
     def signal_topk(self) -> int:

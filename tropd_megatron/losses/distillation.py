@@ -191,12 +191,14 @@ def distillation_loss(
         "student_entropy": token_sum(student_entropy),
     }
     if rollout_logprobs is not None:
-        # the train / rollout mismatch: |log rho| and the share of tokens PPO's clip cuts off
-        # (0 where the engine's log-probs are the training forward's, as on CPU; bf16 kernels
-        # on GPU differ)
+        # the train / rollout mismatch: |log rho| and the share of tokens the importance
+        # correction clips (PPO: rho outside [1 - eps, 1 + eps]; TIS: rho above the cap); 0
+        # where the engine's log-probs are the training forward's, as on CPU
         log_rho = logprob.detach().float() - rollout_logprobs.detach().float()
+        clipped = (log_rho.exp() > config.tis_cap if config.importance == "tis"
+                   else (log_rho.exp() - 1).abs() > config.ppo_clip)
         metrics["rollout_log_ratio_abs"] = token_sum(log_rho.abs())
-        metrics["rollout_clip_fraction"] = token_sum((log_rho.exp() - 1).abs() > config.ppo_clip)
+        metrics["rollout_clip_fraction"] = token_sum(clipped)
     return loss_sum, (weight != 0).sum().to(torch.int32), metrics
 
 

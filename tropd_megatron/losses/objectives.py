@@ -41,26 +41,29 @@ class TokenView:
     weight: torch.Tensor
 
 
-def policy_gradient(tokens: TokenView, reward: torch.Tensor, ppo_clip: float) -> torch.Tensor:
-    """-A log p_S(y) with A = reward (constant); with rollout log-probs the PPO-clipped
-    -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = p_S(y) / p_rollout(y): the same gradient
-    when on-policy (rho = 1), a corrected one for stale rollouts."""
+def policy_gradient(tokens: TokenView, reward: torch.Tensor, config: OPDConfig) -> torch.Tensor:
+    """-A log p_S(y) with A = reward (constant); with rollout log-probs, rho = p_S(y) /
+    p_rollout(y), either PPO's clipped -min(rho A, clip(rho, 1 - eps, 1 + eps) A)
+    (``importance="ppo"``) or the truncated importance weight -sg(min(rho, cap)) A log p_S(y)
+    (``"tis"``): both the plain gradient when rho = 1."""
     reward = reward.detach()
     if tokens.rollout_logprob is None:
         return -reward * tokens.logprob
     log_rho = (tokens.logprob - tokens.rollout_logprob).clamp_max(MAX_LOG_IMPORTANCE_RATIO)
     rho = log_rho.exp()
-    return -torch.minimum(rho * reward, rho.clamp(1 - ppo_clip, 1 + ppo_clip) * reward)
+    if config.importance == "tis":
+        return -(rho.detach().clamp_max(config.tis_cap) * reward) * tokens.logprob
+    return -torch.minimum(rho * reward, rho.clamp(1 - config.ppo_clip, 1 + config.ppo_clip) * reward)
 
 
 def opd(config: OPDConfig, tokens: TokenView, step: int):
-    return policy_gradient(tokens, tokens.log_ratio, config.ppo_clip), torch.ones_like(tokens.log_ratio)
+    return policy_gradient(tokens, tokens.log_ratio, config), torch.ones_like(tokens.log_ratio)
 
 
 def eopd(config: EOPDConfig, tokens: TokenView, step: int):
     high_entropy = (tokens.teacher_entropy > config.entropy_threshold).float()
     fkl = topk_forward_kl(tokens.topk_logprobs, tokens.teacher_topk_logprobs, config.topk_kl)
-    loss = policy_gradient(tokens, tokens.log_ratio, config.ppo_clip) + config.alpha * high_entropy * fkl
+    loss = policy_gradient(tokens, tokens.log_ratio, config) + config.alpha * high_entropy * fkl
     return loss, 1.0 - high_entropy
 
 
@@ -77,7 +80,7 @@ def reopold(config: REOPOLDConfig, tokens: TokenView, step: int):
         mask = tokens.student_entropy >= cut
     mask = mask.float()
     reward = tokens.log_ratio.clamp_min(bound)
-    return mask * policy_gradient(tokens, reward, config.ppo_clip), mask
+    return mask * policy_gradient(tokens, reward, config), mask
 
 
 _M32 = 0xFFFFFFFF
@@ -122,9 +125,9 @@ def trust_mask(config: TrOPDConfig, tokens: TokenView, step: int) -> torch.Tenso
 
 def tropd(config: TrOPDConfig, tokens: TokenView, step: int):
     mask = trust_mask(config, tokens, step)
-    loss = mask * policy_gradient(tokens, tokens.log_ratio, config.ppo_clip)
+    loss = mask * policy_gradient(tokens, tokens.log_ratio, config)
     if config.outlier == "clip":
-        outlier = policy_gradient(tokens, tokens.log_ratio.clamp_min(config.outlier_clip), config.ppo_clip)
+        outlier = policy_gradient(tokens, tokens.log_ratio.clamp_min(config.outlier_clip), config)
         loss = loss + (1.0 - mask) * outlier
     elif config.outlier == "fkl":
         outlier = topk_forward_kl(tokens.topk_logprobs, tokens.teacher_topk_logprobs, config.topk_kl)

@@ -26,6 +26,7 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from .compat import HAVE_TE
 from .groups import ModelGroups
 
 LATEST = "latest"
@@ -132,6 +133,13 @@ def _sharded_state(model, optimizer, is_loading: bool, optimizer_format: str) ->
     return state
 
 
+def _layer_kind() -> str:
+    """Which layers wrote the weights: their parameter names differ (TransformerEngine fuses
+    each layer norm into the next linear layer: ``linear_qkv.layer_norm_weight`` against the
+    local spec's ``input_layernorm.weight``)."""
+    return "transformer_engine" if HAVE_TE else "local"
+
+
 def _layout(model) -> dict:
     groups = ModelGroups.of(model)
     return {"tensor": groups.tensor, "pipeline": groups.pipeline}
@@ -159,7 +167,7 @@ def save_checkpoint(root, step: int, model, optimizer=None, scheduler=None, trai
                partial / f"rng_rank{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        meta = {"step": step, "world_size": dist.get_world_size(), "layout": _layout(model),
+        meta = {"step": step, "world_size": dist.get_world_size(), "layout": _layout(model), "layers": _layer_kind(),
                 "optimizer_format": optimizer_format, "trainer": trainer_state or {}}
         if scheduler is not None:
             meta["scheduler"] = scheduler.state_dict()
@@ -297,6 +305,12 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
     meta = checkpoint_metadata(path)
     check_safe_to_load(path)
     optimizer_format = meta.get("optimizer_format", "dp_reshardable")
+    if meta.get("layers", _layer_kind()) != _layer_kind():  # checkpoints from before this record: not checked
+        raise ValueError(
+            f"{path} was written with {meta['layers']} layers and this run builds {_layer_kind()} ones "
+            f"(TransformerEngine {'imports' if HAVE_TE else 'does not import'} here): their parameter names differ "
+            "(TE fuses each layer norm into the next linear layer). Export it on the machine that wrote it "
+            "(python -m launch.export ...) and load the Hugging Face folder, which reads into either")
     saved, now = meta.get("layout"), _layout(model)
     if optimizer is not None and optimizer_format == "dp_reshardable" and saved and saved != now:
         raise ValueError(
