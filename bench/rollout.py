@@ -94,8 +94,17 @@ def main(argv=None) -> list[dict]:
                      "tokens_per_second": useful / seconds, "forward_passes": forwards, "kv_bytes": kv,
                      "outputs": tokens})
     static, dynamic = rows
-    assert static["outputs"] == dynamic["outputs"], "the engines generated different tokens"
     assert static["tokens"] == dynamic["tokens"] == useful
+    # greedy agreement: requests whose tokens are the same from both engines, and the share of
+    # tokens before the first difference. Exact only where both run the same kernels (CPU,
+    # fp32); on GPU the dynamic engine's flash-attn and the static engine's attention round
+    # differently, and bf16 near-ties then flip a token and everything after it
+    same = [a == b for a, b in zip(static["outputs"], dynamic["outputs"])]
+    common = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+                 for a, b in zip(static["outputs"], dynamic["outputs"]))
+    agreement = {"requests": sum(same) / len(same), "tokens": common / useful}
+    if not torch.cuda.is_available() and args.dtype == "fp32":
+        assert all(same), f"the engines generated different tokens (agreement {agreement})"
 
     if dist.get_rank() == 0:
         mix = (f"{args.requests} requests, response lengths median {statistics.median(budgets):.0f}, mean "
@@ -108,6 +117,8 @@ def main(argv=None) -> list[dict]:
         for r in rows:
             lines.append(f"| {r['engine']} | {r['seconds']:.3f} | {r['tokens_per_second']:.0f} | {r['forward_passes']} "
                          f"| {r['kv_bytes'] / 2**20:.2f} |")
+        lines.insert(1, f"greedy agreement between the engines: {agreement['requests']:.1%} of requests identical, "
+                        f"{agreement['tokens']:.1%} of tokens before a request's first difference")
         lines.append(f"| dynamic / static | {dynamic['seconds'] / static['seconds']:.2f}x | "
                      f"{dynamic['tokens_per_second'] / static['tokens_per_second']:.2f}x | "
                      f"{dynamic['forward_passes'] / static['forward_passes']:.2f}x | "

@@ -110,7 +110,10 @@ def main(argv=None) -> list[dict]:
                      "per_real": computed / real, "per_loss": computed / loss_tokens,
                      "seconds": statistics.median(seconds), "peak": max(peaks), "loss": result.metrics["loss"]})
     padded, packed = rows
-    assert math.isclose(padded["loss"], packed["loss"], rel_tol=1e-4), (padded["loss"], packed["loss"])
+    # the same loss up to rounding: fp32 summation order, or bf16's 8 mantissa bits (and, on GPU,
+    # THD attention kernels against padded ones)
+    assert math.isclose(padded["loss"], packed["loss"], rel_tol=1e-4 if args.dtype == "fp32" else 2e-2), (
+        padded["loss"], packed["loss"])
 
     if dist.get_rank() == 0:
         mix = (f"{args.rollouts} rollouts, response lengths median {statistics.median(responses):.0f}, mean "
