@@ -10,6 +10,7 @@ from distributed import START_METHODS, run_workers
 def _sum_worker(rank, world):
     value = torch.tensor([float(rank + 1)])
     dist.all_reduce(value)
+    return {"sum": value}
 
 
 def test_nccl_workers_are_spawned_and_spawned_workers_run():
