@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 export OMP_NUM_THREADS := 1
 
-.PHONY: test test-gpu test-mcore019 demo compare bench install clean
+.PHONY: test test-gpu gpu-check test-mcore019 demo compare bench install clean
 
 # constraints.txt pins every other package to the versions the README's figures were measured
 # with (pip freeze of the measuring venv); regenerate it when upgrading on purpose.
@@ -68,6 +68,12 @@ test-mcore019: $(VENV019)/.installed
 # one H100 / H200, estimated: not run yet). Prints the device first.
 GPU_PYTHON ?= python3
 GPU_OUT ?= runs/gpu
+# One report of what a first GPU run shows (about 10 minutes on one H200; docs/tests.md);
+# ARGS=--dry-run on CPU runs the harness and skips every GPU-only step.
+gpu-check:
+	@mkdir -p $(GPU_OUT)
+	$(GPU_PYTHON) -m launch.gpu_check --out $(GPU_OUT)/gpu-check.md $(ARGS)
+
 test-gpu:
 	@mkdir -p $(GPU_OUT)
 	$(GPU_PYTHON) -m tropd_megatron.platform gpu-requirements.txt
