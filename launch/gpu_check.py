@@ -35,16 +35,21 @@ class Step:
     limit_s: int
     env: dict | None = None
     summary: object = None  # a function of the step's folder -> markdown lines
+    prepare: list | None = None  # a command run first, inside the step's time limit
 
 
 def run_step(step: Step, folder: str) -> tuple[str, float, str]:
     """(status, seconds, output tail) of one step."""
     started = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(step.env or {})}
     try:
-        out = subprocess.run(step.command, cwd=ROOT, capture_output=True, text=True, timeout=step.limit_s,
-                             env={**os.environ, "OMP_NUM_THREADS": "1", **(step.env or {})})
-        status = "ok" if out.returncode == 0 else f"failed (exit {out.returncode})"
-        tail = (out.stdout + out.stderr)[-3000:]
+        for command in ([step.prepare] if step.prepare else []) + [step.command]:
+            left = step.limit_s - (time.perf_counter() - started)
+            out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=max(left, 1), env=env)
+            status = "ok" if out.returncode == 0 else f"failed (exit {out.returncode})"
+            tail = (out.stdout + out.stderr)[-3000:]
+            if out.returncode:
+                break
     except subprocess.TimeoutExpired as e:
         status, tail = f"timed out after {step.limit_s} s", str(e.stdout or "")[-3000:]
     return status, time.perf_counter() - started, tail
@@ -110,8 +115,8 @@ def steps(folder: str) -> list[Step]:
              summary=table_of("rollout.md")),
         Step("bench/step.py, bf16", torchrun + ["bench/step.py", "--dtype", "bf16", "--layers", "8", "--hidden", "1024",
                                                 "--markdown", f"{folder}/step.md"], 120, summary=table_of("step.md")),
-        Step("two iterations of the tiny recipe, bf16", [sys.executable, "-c", prepare], 60),
-        Step("", torchrun + ["-m", "launch.train", "--recipe", "tiny", *tiny], 180, summary=training_summary),
+        Step("two iterations of the tiny recipe, bf16", torchrun + ["-m", "launch.train", "--recipe", "tiny", *tiny],
+             240, summary=training_summary, prepare=[sys.executable, "-c", prepare]),
     ]
 
 
@@ -128,18 +133,15 @@ def main(argv=None) -> int:
     skip = "--dry-run" if args.dry_run else ("no CUDA GPU" if not torch.cuda.is_available() else None)
     failed = skip is not None and not args.dry_run
     with tempfile.TemporaryDirectory() as folder:
-        number, results = 1, []
-        for step in steps(folder):
-            if step.name:
-                number += 1
-                lines += ["", f"## {number}. {step.name}", ""]
+        results = []
+        for number, step in enumerate(steps(folder), 2):
+            lines += ["", f"## {number}. {step.name}", ""]
             if skip:
-                if step.name:
-                    lines.append(f"skipped: {skip} (needs a CUDA GPU)")
+                lines.append(f"skipped: {skip} (needs a CUDA GPU)")
                 results.append("skipped")
                 continue
             status, seconds, tail = run_step(step, folder)
-            print(f"gpu-check: {step.name or 'training'}: {status} ({seconds:.0f} s)", file=sys.stderr, flush=True)
+            print(f"gpu-check: {step.name}: {status} ({seconds:.0f} s)", file=sys.stderr, flush=True)
             lines.append(f"{status}, {seconds:.0f} s")
             if status == "ok" and step.summary is not None:
                 lines += [""] + step.summary(folder)

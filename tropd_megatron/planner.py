@@ -263,7 +263,7 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
 
     validate(config, gpus)
     dp, teacher_dp = gpus // (tp * pp), gpus // (t.tensor * t.pipeline)
-    own_layout = (t.tensor, t.pipeline) != (tp, pp)
+    own_layout = config.teacher_on_own_layout
     prompts = config.schedule.prompts_per_step
     teacher, student, rollout = config.teacher.model, config.student.model, config.rollout
     on_gpu = capacity is not None
@@ -307,8 +307,7 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
     items[f"student {kv}"] = kv_cache_bytes(student, engine, tensor=tp, pipeline=pp,
                                              request_tokens=lengths["student"])
     # the teacher only generates (and so allocates its cache) when it writes prefixes
-    if (max(rollout.prefix_share_start, rollout.prefix_share_end) > 0
-            and max(rollout.prefix_tokens_start, rollout.prefix_tokens_end) > 0):
+    if rollout.writes_prefixes:
         items[f"teacher {kv}"] = kv_cache_bytes(teacher, engine, tensor=t.tensor, pipeline=t.pipeline,
                                                  request_tokens=lengths["teacher"])
     if on_gpu:

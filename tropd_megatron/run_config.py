@@ -165,6 +165,12 @@ class RunConfig:
         return self.teacher.parallel.resolve(self.parallel)
 
     @property
+    def teacher_on_own_layout(self) -> bool:
+        """Whether the teacher's tensor x pipeline differs from the student's (its own groups)."""
+        t, s = self.teacher_parallel, self.parallel
+        return (t.tensor, t.pipeline) != (s.tensor, s.pipeline)
+
+    @property
     def min_world_size(self) -> int:
         """The fewest processes both layouts fit (data parallel 1 for the larger)."""
         t, s = self.teacher_parallel, self.parallel

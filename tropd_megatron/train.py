@@ -158,8 +158,8 @@ class Trainer:
             check_same_vocabulary(self.tokenizer, teacher_tokenizer)
         student_model, teacher_model = run_models(cfg)
         # the teacher on the student's groups, or on its own layout (teacher.parallel)
-        teacher_groups_ = teacher_groups(cfg.parallel, cfg.teacher_parallel)
-        teacher_gpt = build_gpt(teacher_model, cfg.teacher_parallel, frozen=True, groups=teacher_groups_)
+        own_groups = teacher_groups(cfg.parallel, cfg.teacher_parallel)
+        teacher_gpt = build_gpt(teacher_model, cfg.teacher_parallel, frozen=True, groups=own_groups)
         load_weights(cfg.teacher.checkpoint, teacher_gpt, teacher_model, "teacher")
         self.student = build_student(student_model, cfg.parallel, cfg.optim, cfg.schedule.steps)
         self.encode = encode = prompt_encoder(self.tokenizer, cfg.data.chat_template)  # prompt text -> token ids
@@ -191,8 +191,8 @@ class Trainer:
         self.teacher, self.teacher_generator = teacher_gpt, Generator(
             teacher_gpt, teacher_model, eos_id=teacher_tokenizer.eos_id, engine=cfg.rollout.engine,
             max_request_tokens=lengths["teacher"], name="teacher")
-        if teacher_groups_ is not None:  # scores and writes prefixes for the student's ranks by collectives
-            layout = TeacherLayout(ModelGroups.megatron(), teacher_groups_)
+        if own_groups is not None:  # scores and writes prefixes for the student's ranks by collectives
+            layout = TeacherLayout(ModelGroups.megatron(), own_groups)
             self.teacher = LayoutTeacher(teacher_gpt, layout)
             self.teacher_generator = LayoutGenerator(self.teacher_generator, layout)
             t = cfg.teacher_parallel

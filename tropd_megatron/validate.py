@@ -34,7 +34,7 @@ def problems(cfg: RunConfig, world_size: int, platform: Platform | None = None) 
         if cfg.schedule.prompts_per_step % dp:
             out.append(f"schedule.prompts_per_step={cfg.schedule.prompts_per_step} is not divisible by the "
                        f"data-parallel size {dp} (world size {world_size} / tensor {p.tensor} x pipeline {p.pipeline})")
-    own_layout = (t.tensor, t.pipeline) != (p.tensor, p.pipeline)
+    own_layout = cfg.teacher_on_own_layout
     if own_layout and world_size % (t.tensor * t.pipeline):
         out.append(f"world size {world_size} is not divisible by the teacher's tensor x pipeline = {t.tensor} x "
                    f"{t.pipeline} (teacher.parallel.tensor / pipeline; null: the student's)")
@@ -74,7 +74,7 @@ def problems(cfg: RunConfig, world_size: int, platform: Platform | None = None) 
     if s.top_k > 1 and s.top_p < 1:
         out.append(f"rollout.sampling.top_k={s.top_k} and top_p={s.top_p}: Megatron's sampler takes one of them")
     objective = cfg.objective.selected()
-    guided = max(r.prefix_share_start, r.prefix_share_end) > 0 and max(r.prefix_tokens_start, r.prefix_tokens_end) > 0
+    guided = r.writes_prefixes
     if guided and not objective.uses_prefix_mask:
         out.append(f"rollout.prefix_share_start / _end and prefix_tokens_start / _end ask for teacher prefixes, which "
                    f"objective.name={cfg.objective.name} does not train on (prefix guidance is TrOPD's)")
@@ -100,8 +100,7 @@ def platform_problems(cfg: RunConfig, platform: Platform) -> list[str]:
         return []
     out = []
     r = cfg.rollout
-    guided = max(r.prefix_share_start, r.prefix_share_end) > 0 and max(r.prefix_tokens_start, r.prefix_tokens_end) > 0
-    generating = (("student", cfg.student.model),) + ((("teacher", cfg.teacher.model),) if guided else ())
+    generating = (("student", cfg.student.model),) + ((("teacher", cfg.teacher.model),) if r.writes_prefixes else ())
     if r.engine.name == "dynamic":
         if problem := platform.dynamic_engine_problem():
             out.append(problem)

@@ -43,6 +43,13 @@ class RolloutConfig:
         if min(self.rollouts_per_prompt, self.micro_batch_size) < 1 or self.row_tokens < 0:
             raise ValueError("RolloutConfig.rollouts_per_prompt and micro_batch_size must be >= 1, row_tokens >= 0")
 
+    @property
+    def writes_prefixes(self) -> bool:
+        """Whether the teacher writes prefixes at some point of training (it then generates,
+        and its generator holds a KV cache)."""
+        return (max(self.prefix_share_start, self.prefix_share_end) > 0
+                and max(self.prefix_tokens_start, self.prefix_tokens_end) > 0)
+
     def packed_row_tokens(self, max_prompt_tokens: int) -> int:
         """Tokens per packed row: ``row_tokens``, or the longest rollout the run can produce."""
         return self.row_tokens or max_prompt_tokens + self.sampling.max_new_tokens - 1

@@ -12,6 +12,7 @@ refused by ``validate``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -102,6 +103,45 @@ class TeacherLayout:
         ranks = self.group_last[g] if last_stage else self.group_ranks[g]
         return ranks[dest % len(ranks)]
 
+    def _to_groups(self, work: list, payload, size, dtype) -> list:
+        """Every rank of teacher group g gets each item of g's share, ``payload(item)`` (a 1-D
+        tensor of ``size(item)`` numbers) sent by a holder of the item's student rank. Returns
+        this rank's group's items' tensors, in order."""
+        send, recv = {}, {}
+        for g, items in enumerate(work):
+            for dest in self.group_ranks[g]:
+                for item in items:
+                    src = self._holder(item[0], dest)
+                    if src == self.rank:
+                        send.setdefault(dest, []).append(payload(item))
+                    if dest == self.rank:
+                        recv.setdefault(src, []).append(size(item))
+        got = self._exchange(send, recv, dtype)
+        return [got[self._holder(item[0], self.rank)].pop(0) for item in work[self.me.teacher_dp]]
+
+    def _to_holders(self, work: list, result, size, dtype, *, last_stage: bool) -> list:
+        """Each item's result back from one rank of the teacher group that made it to every
+        holder of its student rank (only those on the student's last stage when
+        ``last_stage``, where the results are on the teacher's last stage too): ``result(index)``
+        the 1-D tensor of the sender's share's item ``index``, of ``size(g, index, item)`` numbers.
+        Returns this rank's own items' results, in order (empty where it gets none)."""
+        send, recv = {}, {}
+        for g, items in enumerate(work):
+            for index, item in enumerate(items):
+                for dest in self.holders[item[0]]:
+                    if last_stage and not self.places[dest].student_last:
+                        continue
+                    src = self._from_group(g, dest, last_stage)
+                    if src == self.rank:
+                        send.setdefault(dest, []).append(result(index))
+                    if dest == self.rank:
+                        recv.setdefault(src, []).append(size(g, index, item))
+        got = self._exchange(send, recv, dtype)
+        if last_stage and not self.me.student_last:
+            return []
+        return [got[self._from_group(g, self.rank, last_stage)].pop(0)
+                for g, items in enumerate(work) for item in items if item[0] == self.me.student_dp]
+
     # scoring -----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -118,30 +158,18 @@ class TeacherLayout:
         work = self._work({d: len(s) for d, s in shapes.items()})
         n_parts = 3 if packed else 2  # tokens, labels[, segments]
 
-        def size(item):
-            B, S = shapes[item[0]][item[1]]
-            return n_parts * B * S
+        def token_ids(item):
+            mb = microbatches[item[1]]
+            return torch.cat([p.reshape(-1).long() for p in [mb.tokens, mb.labels] + ([mb.segments] if packed else [])])
 
-        # token ids out: every rank of teacher group g gets all of g's items
-        send, recv = {}, {}
-        for g, items in enumerate(work):
-            for dest in self.group_ranks[g]:
-                for item in items:
-                    src = self._holder(item[0], dest)
-                    if src == self.rank:
-                        mb = microbatches[item[1]]
-                        parts = [mb.tokens, mb.labels] + ([mb.segments] if packed else [])
-                        send.setdefault(dest, []).append(torch.cat([p.reshape(-1).long() for p in parts]))
-                    if dest == self.rank:
-                        recv.setdefault(src, []).append(size(item))
-        got = self._exchange(send, recv, torch.long)
+        def token_ids_size(item):
+            return n_parts * math.prod(shapes[item[0]][item[1]])
+
         mine = work[self.me.teacher_dp]
         batches = []
-        for item in mine:
-            src = self._holder(item[0], self.rank)
-            B, S = shapes[item[0]][item[1]]
-            parts = got[src].pop(0).view(n_parts, B, S)
-            batches.append(MicroBatch(parts[0], parts[1], torch.zeros(B, S, device=parts.device),
+        for (d, i), ids in zip(mine, self._to_groups(work, token_ids, token_ids_size, torch.long)):
+            parts = ids.view(n_parts, *shapes[d][i])
+            batches.append(MicroBatch(parts[0], parts[1], torch.zeros_like(parts[0], dtype=torch.float),
                                       segments=parts[2] if packed else None))
         if self.teacher_pipeline > 1:  # the pipeline's micro-batches share one shape: pad, crop after
             batches = _same_shape(batches)
@@ -149,27 +177,12 @@ class TeacherLayout:
                                  end_tokens=end_tokens)
         scored = [signal and _crop(signal, shapes[d][i]) for signal, (d, i) in zip(scored, mine)]
         # signals back to the student ranks that compute the loss
-        send, recv = {}, {}
-        for g, items in enumerate(work):
-            for index, item in enumerate(items):
-                for dest in self.holders[item[0]]:
-                    if not self.places[dest].student_last:
-                        continue
-                    src = self._from_group(g, dest, last_stage=True)
-                    if src == self.rank:
-                        send.setdefault(dest, []).append(scored[index].flat())
-                    if dest == self.rank:
-                        recv.setdefault(src, []).append(TeacherSignal.flat_size(shapes[item[0]][item[1]], topk))
-        got = self._exchange(send, recv, torch.float32)
+        got = self._to_holders(work, lambda index: scored[index].flat(),
+                               lambda g, index, item: TeacherSignal.flat_size(shapes[item[0]][item[1]], topk),
+                               torch.float32, last_stage=True)
         if not self.me.student_last:
             return [None] * len(microbatches)
-        out = []
-        for g, items in enumerate(work):
-            for item in items:
-                if item[0] == self.me.student_dp:
-                    src = self._from_group(g, self.rank, last_stage=True)
-                    out.append(TeacherSignal.from_flat(got[src].pop(0), shapes[item[0]][item[1]], topk))
-        return out
+        return [TeacherSignal.from_flat(flat, shape, topk) for flat, shape in zip(got, shapes[self.me.student_dp])]
 
     # teacher prefixes --------------------------------------------------------------------
 
@@ -185,46 +198,28 @@ class TeacherLayout:
             lengths.setdefault(d, sizes)
             seeds.setdefault(d, s)
         work = self._work({d: len(s) for d, s in lengths.items()})
-        send, recv = {}, {}
-        for g, items in enumerate(work):
-            for dest in self.group_ranks[g]:
-                for d, i in items:
-                    src = self._holder(d, dest)
-                    if src == self.rank:
-                        send.setdefault(dest, []).append(torch.tensor(prompts[i], dtype=torch.long))
-                    if dest == self.rank:
-                        recv.setdefault(src, []).append(lengths[d][i])
-        got = self._exchange(send, recv, torch.long)
-        mine = work[self.me.teacher_dp]
-        own = [got[self._holder(d, self.rank)].pop(0).tolist() for d, i in mine]
+        own = [ids.tolist() for ids in self._to_groups(
+            work, lambda item: torch.tensor(prompts[item[1]], dtype=torch.long),
+            lambda item: lengths[item[0]][item[1]], torch.long)]
         group_seed = stream_seed(seeds[0], "teacher_group", group=self.me.teacher_dp)
         results = generator.generate(own, sampling, seed=group_seed) if own else []
         # generated tokens and their log-probs back, as int64 (log-probs bit-cast from float64)
-        sizes = self._gather((self.me.teacher_dp, [len(r.tokens) for r in results]))
         done = {}
-        for g, n in sizes:
+        for g, n in self._gather((self.me.teacher_dp, [len(r.tokens) for r in results])):
             done.setdefault(g, n)
-        send, recv = {}, {}
-        for g, items in enumerate(work):
-            for index, (d, i) in enumerate(items):
-                for dest in self.holders[d]:
-                    src = self._from_group(g, dest, last_stage=False)
-                    if src == self.rank:
-                        r = results[index]
-                        send.setdefault(dest, []).append(torch.cat([
-                            torch.tensor(r.tokens, dtype=torch.long),
-                            torch.tensor(r.logprobs, dtype=torch.float64).view(torch.long)]))
-                    if dest == self.rank:
-                        recv.setdefault(src, []).append(2 * done[g][index])
-        got = self._exchange(send, recv, torch.long)
+
+        def tokens_and_logprobs(index):
+            r = results[index]
+            return torch.cat([torch.tensor(r.tokens, dtype=torch.long),
+                              torch.tensor(r.logprobs, dtype=torch.float64).view(torch.long)])
+
         out = []
-        for g, items in enumerate(work):
-            for d, i in items:
-                if d == self.me.student_dp:
-                    tokens, logprobs = got[self._from_group(g, self.rank, last_stage=False)].pop(0).cpu().chunk(2)
-                    tokens = tokens.tolist()
-                    out.append(Generation(tokens, logprobs.contiguous().view(torch.float64).tolist(),
-                                          bool(tokens) and tokens[-1] == generator.eos_id))
+        for flat in self._to_holders(work, tokens_and_logprobs, lambda g, index, item: 2 * done[g][index],
+                                     torch.long, last_stage=False):
+            tokens, logprobs = flat.cpu().chunk(2)
+            tokens = tokens.tolist()
+            out.append(Generation(tokens, logprobs.contiguous().view(torch.float64).tolist(),
+                                  bool(tokens) and tokens[-1] == generator.eos_id))
         return out
 
 
