@@ -43,8 +43,9 @@ def main(argv=None) -> None:
     initialize(cfg.parallel, seed=cfg.schedule.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
     student_model, _ = run_models(cfg)
-    model = build_gpt(student_model, cfg.parallel, frozen=True)
-    path = load_weights(trained_student(cfg, args.weights), model, student_model, "student")
+    weights = trained_student(cfg, args.weights)  # before the model: a run without weights stops here
+    model = build_gpt(student_model, cfg.parallel, frozen=True, initialize=False)
+    path = load_weights(weights, model, student_model, "student")
     problems = load_problems(replace(cfg.data, path=args.problems), prompt_encoder(tokenizer, cfg.data.chat_template),
                              args.max_problems)
     budget = args.max_new_tokens or cfg.eval_max_new_tokens()

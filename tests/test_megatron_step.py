@@ -470,15 +470,46 @@ def test_device_settings_of_the_gpu_path():
 
     assert device_settings(on_gpu=True, have_te=True) == dict(
         use_cpu_initialization=False, batch_p2p_sync=True, apply_rope_fusion=True, bias_activation_fusion=True,
-        gradient_accumulation_fusion=True)
+        gradient_accumulation_fusion=True, perform_initialization=True)
+    assert not device_settings(on_gpu=True, have_te=True, initialize=False)["perform_initialization"]
     no_te = device_settings(on_gpu=True, have_te=False)
     assert not any(no_te[k] for k in ("use_cpu_initialization", "apply_rope_fusion", "bias_activation_fusion",
                                       "gradient_accumulation_fusion"))
     assert device_settings(on_gpu=False, have_te=False) == dict(
         use_cpu_initialization=True, batch_p2p_sync=False, apply_rope_fusion=False, bias_activation_fusion=False,
-        gradient_accumulation_fusion=False)
+        gradient_accumulation_fusion=False, perform_initialization=True)
     config = transformer_config(STUDENT, ParallelConfig(1, 1))  # this machine: the CPU settings
     assert config.use_cpu_initialization and not config.apply_rope_fusion and not config.batch_p2p_sync
+
+
+def _initialisation_worker(rank, world, path):
+    """How many weight initialisations a build draws, with and without ``initialize``, and
+    whether an uninitialised model loaded from a checkpoint equals the saved one."""
+    from megatron.core.tensor_parallel import layers
+
+    draws = []
+    original = layers._initialize_affine_weight_cpu  # what use_cpu_initialization calls per weight
+    layers._initialize_affine_weight_cpu = lambda *a, **k: draws.append(1) or original(*a, **k)
+    initialize(ParallelConfig(1, 1), seed=0)
+    saved = build_gpt(STUDENT, ParallelConfig(1, 1))
+    with_init = len(draws)
+    save_checkpoint(path, 1, saved)
+    loaded = build_gpt(STUDENT, ParallelConfig(1, 1), initialize=False)
+    student = build_student(STUDENT, ParallelConfig(1, 1), OptimConfig(), 4, initialize=False)
+    without_init = len(draws) - with_init
+    layers._initialize_affine_weight_cpu = original
+    load_checkpoint(latest_checkpoint(path), loaded)
+    same = all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), loaded.state_dict().values())
+               if isinstance(a, torch.Tensor))
+    return with_init, without_init, same, student.model.module.config.perform_initialization
+
+
+def test_a_model_loaded_next_is_not_initialised_first(tmp_path):
+    """The teacher, a student loaded from a checkpoint, and the evaluate / export launchers
+    build without random initialisation (minutes for a 70B model before the load overwrites
+    it); the load still gives the saved weights."""
+    with_init, without_init, same, student_flag = run_workers(_initialisation_worker, 1, str(tmp_path / "ckpt"))[0]
+    assert with_init > 0 and without_init == 0 and same and student_flag is False
 
 
 def _layers_worker(rank, world, path):

@@ -159,13 +159,16 @@ class Trainer:
         student_model, teacher_model = run_models(cfg)
         # the teacher on the student's groups, or on its own layout (teacher.parallel)
         own_groups = teacher_groups(cfg.parallel, cfg.teacher_parallel)
-        teacher_gpt = build_gpt(teacher_model, cfg.teacher_parallel, frozen=True, groups=own_groups)
+        # a model whose weights are loaded next is not initialised first (minutes at 70B)
+        teacher_gpt = build_gpt(teacher_model, cfg.teacher_parallel, frozen=True, groups=own_groups,
+                                initialize=cfg.teacher.checkpoint is None)
         load_weights(cfg.teacher.checkpoint, teacher_gpt, teacher_model, "teacher")
-        self.student = build_student(student_model, cfg.parallel, cfg.optim, cfg.schedule.steps)
+        resume = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
+        self.student = build_student(student_model, cfg.parallel, cfg.optim, cfg.schedule.steps,
+                                     initialize=resume is None and cfg.student.checkpoint is None)
         self.encode = encode = prompt_encoder(self.tokenizer, cfg.data.chat_template)  # prompt text -> token ids
         self.prompts = PromptStream(cfg.data, encode)
         self.step, self.state = 0, TrainerState()
-        resume = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
         if resume is not None:
             saved = TrainerState.from_checkpoint(checkpoint_metadata(resume)["trainer"])
             conflicts = resume_conflicts(saved.config, cfg)

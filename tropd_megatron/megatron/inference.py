@@ -174,6 +174,15 @@ class Generator:
     def max_batch_size(self) -> int:
         return self.engine_config.max_requests
 
+    def release(self) -> None:
+        """Free the engine and its KV cache; the next ``generate`` builds them again, of the same
+        size, and samples the same (sampling is reseeded every call). Called between rollouts and
+        training, so that the KV cache and the training step's activations never hold memory at
+        once. Version-independent: 0.16's ``DynamicInferenceEngine.suspend()`` frees the KV cache
+        but 0.19's keeps it by default (``KVCacheManagementMode.PERSIST``), and the static engine
+        has no suspend."""
+        self._engine = self._controller = None
+
     def _spec(self) -> EngineSpec:
         engine, config = self.engine_config, self.config
         groups = ModelGroups.of(self.model)  # the model's own layout (a teacher's may differ from the global one)

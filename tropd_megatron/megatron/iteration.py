@@ -34,6 +34,8 @@ def run_iteration(student: Student, teacher, student_generator: Generator, teach
     t0 = time.perf_counter()
     rollouts = collect_rollouts(student_generator, teacher_generator, [p.token_ids for p in batch], rollout,
                                 step=step, total_steps=total_steps, seed=stream_seed(seed, "rollouts", rank=dp_rank))
+    for generator in (student_generator, teacher_generator):
+        generator.release()  # the KV caches give way to the training step's activations
     t1 = time.perf_counter()
     microbatches = to_microbatches(
         rollouts, rollout.micro_batch_size, student_generator.eos_id, pack=rollout.packing,

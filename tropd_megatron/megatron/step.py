@@ -142,15 +142,20 @@ class SpikeGuard:
         self.norms = (self.norms + [float(norm)])[-self.window:]
 
 
-def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, total_steps: int) -> Student:
+def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, total_steps: int, *,
+                  initialize: bool = True) -> Student:
+    """``initialize`` False: weights left uninitialised, for a student loaded next (build_gpt)."""
     if optim.warmup_steps and optim.warmup_steps >= total_steps:
         raise ValueError(f"OptimConfig.warmup_steps={optim.warmup_steps} must be below total_steps={total_steps}")
-    gpt = build_gpt(model, parallel)
+    gpt = build_gpt(model, parallel, initialize=initialize)
     config = gpt.config
     distributed = optim.distributed_optimizer and optim.optimizer == "adam"  # CPU and GPU alike
     ddp = DistributedDataParallel(
         config=config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed),
+        # overlap: each gradient bucket is reduced as soon as the last micro-batch's backward
+        # has filled it, behind the rest of that backward (CPU and GPU alike)
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed,
+                                                 overlap_grad_reduce=True),
         module=gpt,
     )
     config.no_sync_func = ddp.no_sync

@@ -267,3 +267,6 @@ class LayoutGenerator:
         if max_new_tokens is not None:
             raise ValueError("per-prompt budgets are not routed between layouts; teacher prefixes use one budget")
         return self.layout.generate(self.generator, prompts, sampling, seed=seed)
+
+    def release(self) -> None:
+        self.generator.release()
