@@ -254,7 +254,7 @@ def before_training(root: str, base) -> dict:
     scores = {}
     for what, model_config in zip(("student_before_test", "teacher_test"), run_models(base)):
         spec = base.student if what.startswith("student") else base.teacher
-        model = build_gpt(model_config, base.parallel, frozen=True, initialize=spec.checkpoint is None)
+        model = build_gpt(model_config, base.parallel, frozen=True)
         load_weights(spec.checkpoint, model, model_config, what.split("_")[0])
         generator = Generator(model, model_config, eos_id=tokenizer.eos_id, engine=base.rollout.engine,
                               max_request_tokens=base.data.max_prompt_tokens + budget)

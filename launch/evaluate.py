@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer(cfg.tokenizer)
     student_model, _ = run_models(cfg)
     weights = trained_student(cfg, args.weights)  # before the model: a run without weights stops here
-    model = build_gpt(student_model, cfg.parallel, frozen=True, initialize=False)
+    model = build_gpt(student_model, cfg.parallel, frozen=True)
     path = load_weights(weights, model, student_model, "student")
     problems = load_problems(replace(cfg.data, path=args.problems), prompt_encoder(tokenizer, cfg.data.chat_template),
                              args.max_problems)

@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     initialize(cfg.parallel, seed=cfg.schedule.seed)
     student_model, _ = run_models(cfg)
     weights = trained_student(cfg, args.weights)  # before the model: a run without weights stops here
-    model = build_gpt(student_model, cfg.parallel, frozen=True, initialize=False)
+    model = build_gpt(student_model, cfg.parallel, frozen=True)
     path = load_weights(weights, model, student_model, "student")
     source = args.source
     if source is None and cfg.student.checkpoint and is_hf_folder(cfg.student.checkpoint):

@@ -8,9 +8,10 @@ Steps, each in its own process with its own time limit (about 10 minutes in all 
 2. ``tests/test_gpu.py`` with TF32 off (TE runs fp32 GEMMs in TF32 whatever torch says);
 3. ``bench/rollout.py`` in bf16: both engines' speed and their greedy agreement;
 4. ``bench/step.py`` in bf16: packed vs padded micro-batches (time, memory, the same loss);
-5. two training iterations of the tiny recipe in bf16 (random weights): each phase's time and
-   the rollout / training log-prob mismatch (``rollout_log_ratio_abs``,
-   ``rollout_clip_fraction``) from metrics.jsonl.
+5. two training iterations of the tiny recipe in bf16 (random weights): each phase's time, the
+   rollout / training log-prob mismatch (``rollout_log_ratio_abs``, ``rollout_log_ratio_p99``,
+   ``rollout_clip_fraction``), the KV bytes in use and the allocator's peak from
+   metrics.jsonl, beside the planner's figures for the same configuration.
 ``--dry-run`` (on CPU) runs step 1 and the harness, and reports every GPU-only step as skipped
 with the reason. Exit 1 when a step failed or timed out (or, without --dry-run, there is no GPU).
 """
@@ -76,16 +77,29 @@ def machine_lines() -> list[str]:
     return lines
 
 
-def training_summary(folder: str) -> list[str]:
+def training_summary(folder: str, overrides: list | None = None) -> list[str]:
+    """The run's metrics by step; with the run's ``overrides`` of the tiny recipe, the planner's
+    figures for it."""
     from tropd_megatron.logs import read_metrics
 
-    rows = ["| step | rollout s | teacher s | student s | optimizer s | |log rho| | clip fraction | tokens/s |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    nan = float("nan")
+    rows = ["| step | rollout s | teacher s | student s | optimizer s | |log rho| | p99 | clip fraction | KV MiB | "
+            "peak GiB | tokens/s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for step, m in read_metrics(os.path.join(folder, "run")).items():
         s = m["seconds"]
-        mismatch = m.get("rollout_log_ratio_abs", float("nan")), m.get("rollout_clip_fraction", float("nan"))
         rows.append(f"| {step} | {s['rollout']:.2f} | {s['teacher']:.2f} | {s['student']:.2f} | {s['optimizer']:.2f} | "
-                    f"{mismatch[0]:.2e} | {mismatch[1]:.3f} | {m['tokens_per_second']:.0f} |")
+                    f"{m.get('rollout_log_ratio_abs', nan):.2e} | {m.get('rollout_log_ratio_p99', nan):.2e} | "
+                    f"{m.get('rollout_clip_fraction', nan):.3f} | {m.get('kv_bytes', nan) / 2**20:.1f} | "
+                    f"{m.get('memory_peak_gib', nan):.2f} | {m['tokens_per_second']:.0f} |")
+    if overrides is not None:
+        from recipes import get_recipe
+        from tropd_megatron.planner import GIB, plan
+
+        memory = plan(get_recipe("tiny", overrides), 1)
+        kv = sum(v for k, v in memory.items.items() if "KV cache" in k)
+        rows += ["", f"planner, per GPU: rollouts {memory.phase_total('rollouts') / GIB:.2f} GiB, training "
+                     f"{memory.phase_total('training') / GIB:.2f} GiB (without its {memory.gpu} context allowance), "
+                     f"KV caches {kv / 2**20:.1f} MiB"]
     return rows
 
 
@@ -116,7 +130,7 @@ def steps(folder: str) -> list[Step]:
         Step("bench/step.py, bf16", torchrun + ["bench/step.py", "--dtype", "bf16", "--layers", "8", "--hidden", "1024",
                                                 "--markdown", f"{folder}/step.md"], 120, summary=table_of("step.md")),
         Step("two iterations of the tiny recipe, bf16", torchrun + ["-m", "launch.train", "--recipe", "tiny", *tiny],
-             240, summary=training_summary, prepare=[sys.executable, "-c", prepare]),
+             240, summary=lambda f: training_summary(f, tiny), prepare=[sys.executable, "-c", prepare]),
     ]
 
 

@@ -64,10 +64,21 @@ def _init_worker(rank, world, root):
     save_checkpoint(os.path.join(root, "student"), 0, build_gpt(STUDENT, ParallelConfig()))
 
 
-def _trajectory_worker(rank, world, root, tp, distributed, name, start=0, stop=STEPS, save_at=None, fmt=None):
+def _trajectory_worker(rank, world, root, tp, distributed, name, start=0, stop=STEPS, save_at=None, fmt=None,
+                       started=False):
     """Adam steps start..stop; resume from ``name`` when start > 0; save at ``save_at``;
-    the final weights saved as ``name``_final."""
+    the final weights saved as ``name``_final. ``started``: Adam's state created up front
+    (start_optimizer_state, as the trainer does), checked to be zero moments at step 0."""
+    from tropd_megatron.megatron.checkpoint import _torch_optimizers, start_optimizer_state
+
     teacher, student, mine = _setup(root, tp, distributed)
+    if started:
+        start_optimizer_state(student.optimizer)
+        for inner in _torch_optimizers(student.optimizer):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    state = inner.state[p]
+                    assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
     folder = os.path.join(root, name)
     if start:
         load_checkpoint(latest_checkpoint(folder), student.model.module, student.optimizer, student.scheduler)
@@ -129,6 +140,19 @@ def test_the_distributed_optimizer_follows_the_plain_one(root):
         norms = run_workers(_trajectory_worker, world, root, tp, True, f"dist_tp{tp}_dp2", timeout=150)[0]
         assert_same_norms(norms, plain_norms(root), f"distributed TP={tp} DP=2")
         assert_same(final(root, f"dist_tp{tp}_dp2"), reference, f"distributed TP={tp} DP=2")
+
+
+@pytest.mark.timeout(300)
+def test_adam_state_created_before_the_first_update_changes_nothing(root):
+    """The trainer creates Adam's moments before the first rollout (so that a KV cache sized
+    from the free memory leaves room for them): the same trajectory, to the bit, at DP = 2 with
+    the distributed optimizer."""
+    lazy = run_workers(_trajectory_worker, 2, root, 1, True, "lazy_state", timeout=150)[0]
+    early = run_workers(_trajectory_worker, 2, root, 1, True, "early_state", 0, STEPS, None, None, True,
+                        timeout=150)[0]
+    assert lazy == early
+    a, b = final(root, "lazy_state"), final(root, "early_state")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def _skip_worker(rank, world, root):

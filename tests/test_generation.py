@@ -328,3 +328,38 @@ def test_release_frees_the_kv_cache_and_the_next_call_samples_the_same(name):
     held, alive, same_tokens, same_logprobs = run_workers(_release_worker, 1, name, timeout=100)[0]
     kv_floor = 2 * CONFIG.num_layers * CONFIG.num_query_groups * CONFIG.head_dim * 4  # K and V of one token, fp32
     assert held >= kv_floor and alive == 0 and same_tokens and same_logprobs
+
+
+def _sizing_worker(rank, world, free_blocks):
+    from tropd_megatron.megatron.inference import size_kv_caches
+
+    initialize(ParallelConfig(1, 1), seed=0)
+    model = build_gpt(CONFIG, ParallelConfig(1, 1))
+    shared = engine("dynamic", max_requests=4, block_size_tokens=8, kv_cache_free_fraction=0.5)
+    student = Generator(model, CONFIG, eos_id=EOS, engine=shared, name="student")  # requests of 32 tokens
+    teacher = Generator(model, CONFIG, eos_id=EOS, engine=shared, max_request_tokens=16, name="teacher")
+    block = 8 * kv_token_bytes(CONFIG, tensor=1, pipeline=1)
+    demands = student.kv_cache_demand() // block, teacher.kv_cache_demand() // block
+    size_kv_caches([student, teacher], free_bytes=free_blocks * block)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=BUDGET)
+    held = []
+    for gen in (student, teacher):
+        gen.generate(PROMPTS[:3], sampling, seed=3)  # the teacher's requests: up to 16 tokens
+        buffer = gen._engine.context.memory_buffer  # the KV blocks
+        held.append(buffer.numel() * buffer.element_size() // block)
+    configs = [(g.engine_config.kv_cache_gib * 2**30 / block, g.engine_config.kv_cache_free_fraction)
+               for g in (student, teacher)]
+    return demands, configs, held
+
+
+@pytest.mark.timeout(120)
+def test_the_free_fraction_is_read_once_and_split_between_both_generators():
+    """kv_cache_free_fraction, as the trainer resolves it before the first rollout: one reading
+    of the free memory (here given: 26 blocks' worth), half of it split between the student's
+    and the teacher's generator by what each can use (4 requests of 32 and of 16 tokens: 17 and
+    9 blocks with the dummy), so that the two never take more than the fraction together; the
+    engines then hold buffers of those sizes (in whole blocks)."""
+    demands, configs, held = run_workers(_sizing_worker, 1, 26, timeout=100)[0]
+    assert demands == (17, 9)
+    assert configs == [(pytest.approx(8.5), 0.0), (pytest.approx(4.5), 0.0)]
+    assert held == [8, 4]

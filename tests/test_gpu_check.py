@@ -38,6 +38,10 @@ def test_a_step_reports_ok_failure_and_timeout_and_the_training_table(tmp_path):
         "timed out after 1 s"
     (tmp_path / "run").mkdir()
     record = {"step": 1, "tokens_per_second": 1234.0, "rollout_log_ratio_abs": 0.0123, "rollout_clip_fraction": 0.25,
+              "rollout_log_ratio_p99": 0.1, "kv_bytes": 3 * 2**20, "memory_peak_gib": 1.5,
               "seconds": {"rollout": 1.5, "teacher": 0.25, "student": 0.5, "optimizer": 0.125, "total": 2.375}}
     (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps(record) + "\n")
-    assert training_summary(str(tmp_path))[-1] == "| 1 | 1.50 | 0.25 | 0.50 | 0.12 | 1.23e-02 | 0.250 | 1234 |"
+    assert training_summary(str(tmp_path))[-1] == \
+        "| 1 | 1.50 | 0.25 | 0.50 | 0.12 | 1.23e-02 | 1.00e-01 | 0.250 | 3.0 | 1.50 | 1234 |"
+    planned = training_summary(str(tmp_path), ["parallel.tensor=1", "rollout.engine.kv_cache_gib=0.001"])[-1]
+    assert planned.startswith("planner, per GPU: rollouts ") and planned.endswith("KV caches 1.0 MiB")

@@ -52,6 +52,7 @@ def test_every_metric_reaches_weights_and_biases_offline(tmp_path, monkeypatch):
     writer.close()
     history = wandb_history(tmp_path)
     for step, record in read_metrics(tmp_path).items():
+        assert step in history, f"the W&B run's history holds steps {sorted(history)}"  # (CI once lost step 1)
         logged = history[step]
         for key, value in record.items():
             if key not in ("step", "seconds", "skip_reason"):

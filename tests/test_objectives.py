@@ -111,6 +111,9 @@ def reference_metrics(batch, use_prefix, config=None, use_rollout=False):
         rho = log_rho.exp()
         clipped = rho > config.tis_cap if config.importance == "tis" else (rho - 1).abs() > config.ppo_clip
         out["rollout_clip_fraction"] = mean(clipped.double())
+        # the smallest quarter-decade edge that at most 1% of the tokens' |log rho| exceed
+        above = [mean((log_rho.abs() > 10 ** (k / 4)).double()) for k in range(-24, 9)]
+        out["rollout_log_ratio_p99"] = next(10 ** (k / 4) for k, f in zip(range(-24, 9), above) if f <= 0.01)
     return out
 
 

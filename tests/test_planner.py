@@ -61,8 +61,8 @@ def items(config, gpus):
 def test_tensor_parallel_halves_every_model_shard():
     # the dynamic engine's buffer is a size per GPU, whatever the layout (the static one takes no SP)
     static = ["rollout.engine.name=static", "parallel.sequence_parallel=false"]
-    tp1 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=1", *static]), 4)
-    tp2 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=2", *static]), 8)  # the same data parallel 4
+    tp1 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=1", "teacher.parallel.tensor=1", *static]), 4)
+    tp2 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=2", "teacher.parallel.tensor=2", *static]), 8)  # the same data parallel 4
     for name in ("student weights", "student gradients", "student optimizer", "teacher weights", "student logits",
                  "student KV cache", "teacher KV cache"):
         assert tp2[name] == pytest.approx(tp1[name] / 2, rel=1e-4), name
@@ -104,10 +104,11 @@ def test_data_parallel_shards_the_optimizer_and_the_rollout_batch_only():
 
 
 def test_optimizer_bytes_per_parameter():
-    bf16 = plan(get_recipe("qwen3_8b_to_1p7b"), 2)  # data parallel 1
+    tp2 = ["parallel.tensor=2"]
+    bf16 = plan(get_recipe("qwen3_8b_to_1p7b", tp2), 2)  # data parallel 1
     params = stage_parameters(qwen3_1p7b(), 2, 1)
     assert bf16.items["student optimizer (adam, 1/1 shard)"] == 12 * params  # fp32 main params + m + v
-    fp32 = plan(get_recipe("qwen3_8b_to_1p7b", ["student.model.dtype=fp32"]), 2)
+    fp32 = plan(get_recipe("qwen3_8b_to_1p7b", [*tp2, "student.model.dtype=fp32"]), 2)
     assert fp32.items["student optimizer (adam, 1/1 shard)"] == 8 * params  # no separate main params
 
 
@@ -178,7 +179,7 @@ def test_cpu_has_no_limit():
 @pytest.mark.parametrize("overrides, gpus, message", [
     (["gpu=V100"], None, "unknown gpu 'V100'; known: H100-80GB, H200-141GB, A100-80GB, A100-40GB, cpu"),
     ([], 12, "world size 12 is not divisible by the teacher's tensor x pipeline = 8 x 1"),
-    (["schedule.prompts_per_step=6"], 32, "schedule.prompts_per_step=6 is not divisible by the data-parallel size 8"),
+    (["schedule.prompts_per_step=6"], 32, "schedule.prompts_per_step=6 is not divisible by the data-parallel size 16"),
 ])
 def test_impossible_layouts_are_refused(overrides, gpus, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -188,7 +189,7 @@ def test_impossible_layouts_are_refused(overrides, gpus, message):
 def test_format_shows_layout_counts_and_verdict():
     text = plan(get_recipe("llama3_70b_to_8b", ["rollout.engine.name=static", "parallel.sequence_parallel=false",
                                                  "rollout.engine.max_requests=256"]), 16).format()
-    assert "16 x H100-80GB: student tensor 4 x pipeline 1 x data 4; teacher tensor 8 x pipeline 1 x data 2" in text
+    assert "16 x H100-80GB: student tensor 2 x pipeline 1 x data 8; teacher tensor 8 x pipeline 1 x data 2" in text
     same = plan(get_recipe("llama3_70b_to_8b", ["parallel.tensor=8"]), 16).format()
     assert "16 x H100-80GB: tensor 8 x pipeline 1 x data 2\n" in same
     assert "teacher 70.55B parameters, student 8.03B" in text
@@ -220,7 +221,7 @@ def test_cli_subprocess():
 def test_teacher_on_its_own_layout():
     """The teacher's weights and KV cache at its layout, the student's parts at the student's,
     and the teacher group's share of the signals on top of the rank's own."""
-    own = plan(get_recipe("llama3_70b_to_8b"), 32)  # student TP 4 x DP 8, teacher TP 8 x DP 4
+    own = plan(get_recipe("llama3_70b_to_8b", ["parallel.tensor=4"]), 32)  # student TP 4 x DP 8, teacher TP 8 x DP 4
     same = plan(get_recipe("llama3_70b_to_8b", ["parallel.tensor=8"]), 32)
     assert (own.tensor, own.data_parallel, own.teacher_tensor, own.teacher_data_parallel) == (4, 8, 8, 4)
     assert own.items["teacher weights (bf16)"] == same.items["teacher weights (bf16)"]
@@ -235,11 +236,43 @@ def test_teacher_on_its_own_layout():
 
 def test_the_recipes_student_layout_is_the_smallest_that_fits():
     """What the GPU recipes' docstrings say: the student at the smallest tensor-parallel size
-    whose plan fits (llama3_70b_to_8b on 32 GPUs: 4, below the teacher's 8)."""
+    whose plan fits (llama3_70b_to_8b on 32 GPUs: 2, below the teacher's 8)."""
     from tropd_megatron.planner import smallest_fitting_student_tensor, student_tensor_choices
 
     for name, gpus in (("llama3_70b_to_8b", 32), ("qwen3_8b_to_1p7b", 8)):
         config = get_recipe(name)
         assert smallest_fitting_student_tensor(config, gpus) == config.parallel.tensor, name
     choices = student_tensor_choices(get_recipe("llama3_70b_to_8b"), 32)
-    assert not choices[2].fits and choices[4].fits and "does not divide num_query_groups=8" in choices[16]
+    assert not choices[1].fits and choices[2].fits and "does not divide num_query_groups=8" in choices[16]
+
+
+def test_kv_caches_and_training_never_hold_memory_at_once():
+    """The generators are released before the training step: the peak is the larger phase,
+    what is held throughout plus either the KV caches or the step's activations and signals."""
+    memory = plan(get_recipe("llama3_70b_to_8b"), 32)
+    kv = [k for k in memory.items if "KV cache" in k]
+    training = [k for k in memory.items if k.startswith(("student activations", "student logits", "teacher signal"))]
+    assert len(kv) == 2 and len(training) == 4
+    throughout = sum(v for k, v in memory.items.items() if k not in kv + training)
+    assert memory.phase_total("rollouts") == throughout + sum(memory.items[k] for k in kv)
+    assert memory.phase_total("training") == throughout + sum(memory.items[k] for k in training)
+    assert memory.total == max(memory.phase_total("rollouts"), memory.phase_total("training")) < sum(
+        memory.items.values())
+    assert "rollouts / training" in memory.format() and "(rollouts only)" in memory.format()
+
+
+def test_the_free_fraction_is_split_between_the_generators_from_one_reading():
+    """kv_cache_free_fraction: one reading, split by what each generator can use; the plan
+    sizes the buffers as the trainer does, from what the rest leaves of the GPU."""
+    from tropd_megatron.planner import GIB, kv_cache_shares
+
+    shares = kv_cache_shares(40 * GIB, 0.5, {"student": 3, "teacher": 1})
+    assert shares == pytest.approx({"student": 15.0, "teacher": 5.0})  # together half of the 40 GiB
+    with pytest.raises(ValueError, match="no KV cache to size"):
+        kv_cache_shares(0, 0.5, {"student": 1})
+    memory = plan(get_recipe("llama3_70b_to_8b", ["rollout.engine.kv_cache_free_fraction=0.5",
+                                                  "rollout.engine.max_requests=1024"]), 32)
+    kv = [k for k in memory.items if "KV cache" in k]
+    free = memory.capacity - sum(v for k, v in memory.items.items() if k not in memory.phases)
+    assert 0.5 * free - 2 * 2**26 < sum(memory.items[k] for k in kv) <= 0.5 * free  # whole blocks of < 64 MiB
+    assert memory.items[kv[0]] > memory.items[kv[1]]  # the student's longer requests get more

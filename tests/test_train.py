@@ -44,6 +44,8 @@ def test_two_steps_at_tp2_leave_checkpoint_eval_and_logs(tmp_path):
     # the train / rollout log-prob mismatch is logged (CPU: the engine's log-probs are the training forward's)
     first = read_metrics(tmp_path / "run")[1]
     assert first["rollout_log_ratio_abs"] < 1e-4 and first["rollout_clip_fraction"] == 0
+    assert 0 < first["rollout_log_ratio_p99"] <= 1e-4
+    assert first["kv_bytes"] > 0 and "memory_peak_gib" not in first  # the allocator's peak: GPU only
     wandb = wandb_history(tmp_path / "run")
     for step, record in read_metrics(tmp_path / "run").items():
         assert wandb[step]["train/loss"] == record["loss"] and wandb[step]["time/total"] == record["seconds"]["total"]

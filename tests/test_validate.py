@@ -106,6 +106,10 @@ def test_gpu_platform_refusals_forced_on_cpu():
     good_gpu = Platform(cuda=True, flash_attn=(2, 8, 3), transformer_engine=(2, 11, 0))
     assert problems(bf16, 2, good_gpu) == [] and problems(bf16, 2, Platform(cuda=True, flash_attn_3=True)) == []
     assert problems(tiny, 2, Platform(cuda=False)) == []  # CPU: fp32 and no flash-attn are fine
+    share = get_recipe("tiny", ["rollout.engine.kv_cache_free_fraction=0.5"])
+    assert problems(share, 2, Platform(cuda=False)) == [
+        "rollout.engine.kv_cache_free_fraction=0.5 needs a GPU (a share of its free memory); set "
+        "rollout.engine.kv_cache_gib"]
     found = problems(tiny, 2, good_gpu)
     assert found == ["student.model.dtype=fp32 with rollout.engine.name=dynamic on a GPU: the engine's KV cache takes "
                      "the model's dtype and flash-attn only fp16 / bf16; set student.model.dtype=bf16, or "

@@ -14,12 +14,17 @@ holds at its peak, the student's backward pass, when everything below is alive a
   before the student pass). The step is planned at its worst case, every rollout of the
   longest length: then packing holds one rollout a row, as padding does; with shorter
   rollouts packing needs fewer micro-batches (less teacher signal, less compute).
-- KV caches (``kv_cache_bytes``): each generator keeps its cache from its first use on, so
-  the caches stay allocated while training: the dynamic engine's block buffer
-  (``rollout.engine.kv_cache_gib``, capped at what ``max_requests`` requests can use), or the
+- KV caches (``kv_cache_bytes``), held only while generating (the trainer releases both
+  generators between rollouts and training): the dynamic engine's block buffer
+  (``rollout.engine.kv_cache_gib``, or ``kv_cache_free_fraction`` of what the rest leaves
+  free, ``kv_cache_shares``; capped at what ``max_requests`` requests can use), or the
   static engine's ``max_requests`` x the longest request. The teacher's generator is used (and
   allocates) only with teacher-prefix guidance, for prompts + prefixes.
 - a fixed CUDA context / NCCL / allocator allowance on GPUs.
+
+The peak is what is held throughout (weights, gradients, optimizer state, context) plus the
+larger of the two phases: the KV caches while generating, or the training step's activations,
+logits and teacher signal.
 
 The teacher's no-grad pass and generation peak lower (one layer's working set and one
 logits shard) and are not added. With pipeline parallelism the sums are for the heaviest
@@ -27,7 +32,7 @@ stage's weights plus first-stage activations plus last-stage logits, an upper bo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # annotations only: the planner itself needs neither torch nor Megatron
@@ -154,21 +159,40 @@ def kv_token_bytes(model: ModelConfig, *, tensor: int, pipeline: int) -> int:
     return 2 * (model.num_layers // pipeline) * (groups // tensor) * model.head_dim * DTYPE_BYTES[model.dtype]
 
 
-def kv_cache_bytes(model: ModelConfig, engine, *, tensor: int, pipeline: int, request_tokens: int,
-                   buffer_gib: Optional[float] = None) -> int:
-    """One generator's KV cache on one GPU, held for the run once it has generated.
-
-    static: ``engine.max_requests`` sequences of ``request_tokens`` (the longest prompt +
-    budget it is asked for), whatever the sequences' real lengths. dynamic: its block buffer,
-    ``buffer_gib`` (default ``engine.kv_cache_gib``), but never more than ``max_requests``
-    requests of ``request_tokens`` in whole blocks plus the engine's one dummy block (a bigger
-    buffer would never be filled)."""
+def kv_cache_demand(model: ModelConfig, engine, *, tensor: int, pipeline: int, request_tokens: int) -> int:
+    """The most KV cache one generator can use on one GPU: ``engine.max_requests`` requests of
+    ``request_tokens`` (the longest prompt + budget it is asked for); dynamic: in whole blocks,
+    plus the engine's one dummy block."""
     token = kv_token_bytes(model, tensor=tensor, pipeline=pipeline)
     if engine.name == "static":
         return engine.max_requests * request_tokens * token
     block = engine.block_size_tokens * token
-    bound = (engine.max_requests * _ceil_div(request_tokens, engine.block_size_tokens) + 1) * block
-    return min(int((engine.kv_cache_gib if buffer_gib is None else buffer_gib) * GIB) // block * block, bound)
+    return (engine.max_requests * _ceil_div(request_tokens, engine.block_size_tokens) + 1) * block
+
+
+def kv_cache_bytes(model: ModelConfig, engine, *, tensor: int, pipeline: int, request_tokens: int,
+                   buffer_gib: Optional[float] = None) -> int:
+    """One generator's KV cache on one GPU while it generates. static: ``kv_cache_demand``,
+    whatever the sequences' real lengths. dynamic: its block buffer, ``buffer_gib`` (default
+    ``engine.kv_cache_gib``) in whole blocks, but never more than ``kv_cache_demand`` (a bigger
+    buffer would never be filled)."""
+    demand = kv_cache_demand(model, engine, tensor=tensor, pipeline=pipeline, request_tokens=request_tokens)
+    if engine.name == "static":
+        return demand
+    block = engine.block_size_tokens * kv_token_bytes(model, tensor=tensor, pipeline=pipeline)
+    return min(int((engine.kv_cache_gib if buffer_gib is None else buffer_gib) * GIB) // block * block, demand)
+
+
+def kv_cache_shares(free_bytes: int, fraction: float, demands: dict) -> dict:
+    """``rollout.engine.kv_cache_free_fraction`` as GiB per generator, from ONE reading of the
+    free memory taken once everything held throughout the run exists (weights, gradients,
+    Adam's moments): ``fraction`` of it, split in proportion to ``demands`` ({name:
+    ``kv_cache_demand``}). Generators sized one after the other from their own readings would
+    each take the fraction of what the other left, together more than the fraction."""
+    total = sum(demands.values())
+    if total <= 0 or free_bytes <= 0:
+        raise ValueError(f"no KV cache to size: {free_bytes} bytes free, demands {demands}")
+    return {name: fraction * free_bytes * demand / total / GIB for name, demand in demands.items()}
 
 
 @dataclass
@@ -190,10 +214,16 @@ class MemoryPlan:
     rollouts_per_rank: int
     items: dict[str, int]
     capacity: Optional[int]
+    phases: dict[str, str] = field(default_factory=dict)  # item -> "rollouts" / "training"; absent: throughout
+
+    def phase_total(self, phase: str) -> int:
+        """Bytes held during ``phase``: what is held throughout plus that phase's own items."""
+        return sum(v for k, v in self.items.items() if self.phases.get(k, phase) == phase)
 
     @property
     def total(self) -> int:
-        return sum(self.items.values())
+        """The peak: the larger phase."""
+        return max(self.phase_total("rollouts"), self.phase_total("training"))
 
     @property
     def fits(self) -> bool:
@@ -211,8 +241,11 @@ class MemoryPlan:
             f"{self.rollouts_per_rank} rollouts per data-parallel rank, micro-batch rows of {self.sequence} tokens",
             f"{'per GPU':<{width}}{'GiB':>9}",
         ]
-        lines += [f"{k:<{width}}{v / GIB:9.2f}" for k, v in self.items.items()]
-        lines.append(f"{'total':<{width}}{self.total / GIB:9.2f}")
+        lines += [f"{k:<{width}}{v / GIB:9.2f}" + (f"  ({self.phases[k]} only)" if k in self.phases else "")
+                  for k, v in self.items.items()]
+        rollouts, training = self.phase_total("rollouts"), self.phase_total("training")
+        lines.append(f"{'rollouts / training':<{width}}{rollouts / GIB:9.2f} / {training / GIB:.2f}")
+        lines.append(f"{'total (the larger)':<{width}}{self.total / GIB:9.2f}")
         if self.capacity is None:
             lines.append(f"{'capacity':<{width}}{'no limit':>9}")
             return "\n".join(lines)
@@ -301,23 +334,34 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
         items[f"teacher signal (top-{topk})"] = tokens_per_step * per_token
         if own_layout:  # what this rank's teacher group scored for every student rank it serves
             items["teacher signal, the teacher group's share"] = _ceil_div(tokens_per_step * dp, teacher_dp) * per_token
-    engine = rollout.engine
-    lengths = request_lengths(config)
-    kv = f"KV cache ({engine.name}, {engine.max_requests} requests)"
-    items[f"student {kv}"] = kv_cache_bytes(student, engine, tensor=tp, pipeline=pp,
-                                             request_tokens=lengths["student"])
-    # the teacher only generates (and so allocates its cache) when it writes prefixes
-    if rollout.writes_prefixes:
-        items[f"teacher {kv}"] = kv_cache_bytes(teacher, engine, tensor=t.tensor, pipeline=t.pipeline,
-                                                 request_tokens=lengths["teacher"])
+    phases = {k: "training" for k in items if k.startswith(("student activations", "student logits", "teacher"
+                                                             " signal", "teacher logits"))}
     if on_gpu:
         items["CUDA context, NCCL, workspaces"] = CONTEXT_BYTES
+    engine = rollout.engine
+    lengths = request_lengths(config)
+    # the teacher only generates (and so allocates its cache) when it writes prefixes
+    generators = {"student": (student, tp, pp)}
+    if rollout.writes_prefixes:
+        generators["teacher"] = (teacher, t.tensor, t.pipeline)
+    demands = {w: kv_cache_demand(m, engine, tensor=mt, pipeline=mp, request_tokens=lengths[w])
+               for w, (m, mt, mp) in generators.items()}
+    buffers = dict.fromkeys(generators)  # None: engine.kv_cache_gib
+    if engine.name == "dynamic" and engine.kv_cache_free_fraction and on_gpu:  # as the trainer sizes them
+        free = capacity - sum(v for k, v in items.items() if k not in phases)
+        buffers = kv_cache_shares(free, engine.kv_cache_free_fraction, demands) if free > 0 else dict.fromkeys(
+            generators, 0.0)
+    for w, (m, mt, mp) in generators.items():
+        name = f"{w} KV cache ({engine.name}, {engine.max_requests} requests)"
+        items[name] = kv_cache_bytes(m, engine, tensor=mt, pipeline=mp, request_tokens=lengths[w],
+                                     buffer_gib=buffers[w])
+        phases[name] = "rollouts"
 
     return MemoryPlan(
         name=config.name, gpu=config.gpu, gpus=gpus, tensor=tp, pipeline=pp, data_parallel=dp,
         teacher_tensor=t.tensor, teacher_pipeline=t.pipeline, teacher_data_parallel=teacher_dp,
         teacher_parameters=parameter_count(teacher), student_parameters=parameter_count(student),
-        sequence=sequence, rollouts_per_rank=rollouts, items=items, capacity=capacity,
+        sequence=sequence, rollouts_per_rank=rollouts, items=items, capacity=capacity, phases=phases,
     )
 
 

@@ -30,9 +30,10 @@ from .logs import MetricsWriter, logger, logging_rank
 from .megatron import build_gpt, build_student, initialize, shared_vocabulary_rows
 from .megatron.groups import ModelGroups
 from .megatron.teacher_layout import LayoutGenerator, LayoutTeacher, TeacherLayout, teacher_groups
-from .megatron.checkpoint import checkpoint_metadata, latest_checkpoint, load_checkpoint, save_checkpoint
+from .megatron.checkpoint import (checkpoint_metadata, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                  start_optimizer_state)
 from .megatron.hf_checkpoint import is_hf_folder, load_hf_weights
-from .megatron.inference import Generator
+from .megatron.inference import Generator, size_kv_caches
 from .megatron.iteration import run_iteration
 from .megatron.step import any_rank
 from .planner import request_lengths
@@ -159,16 +160,13 @@ class Trainer:
         student_model, teacher_model = run_models(cfg)
         # the teacher on the student's groups, or on its own layout (teacher.parallel)
         own_groups = teacher_groups(cfg.parallel, cfg.teacher_parallel)
-        # a model whose weights are loaded next is not initialised first (minutes at 70B)
-        teacher_gpt = build_gpt(teacher_model, cfg.teacher_parallel, frozen=True, groups=own_groups,
-                                initialize=cfg.teacher.checkpoint is None)
+        teacher_gpt = build_gpt(teacher_model, cfg.teacher_parallel, frozen=True, groups=own_groups)
         load_weights(cfg.teacher.checkpoint, teacher_gpt, teacher_model, "teacher")
-        resume = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
-        self.student = build_student(student_model, cfg.parallel, cfg.optim, cfg.schedule.steps,
-                                     initialize=resume is None and cfg.student.checkpoint is None)
+        self.student = build_student(student_model, cfg.parallel, cfg.optim, cfg.schedule.steps)
         self.encode = encode = prompt_encoder(self.tokenizer, cfg.data.chat_template)  # prompt text -> token ids
         self.prompts = PromptStream(cfg.data, encode)
         self.step, self.state = 0, TrainerState()
+        resume = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
         if resume is not None:
             saved = TrainerState.from_checkpoint(checkpoint_metadata(resume)["trainer"])
             conflicts = resume_conflicts(saved.config, cfg)
@@ -194,6 +192,10 @@ class Trainer:
         self.teacher, self.teacher_generator = teacher_gpt, Generator(
             teacher_gpt, teacher_model, eos_id=teacher_tokenizer.eos_id, engine=cfg.rollout.engine,
             max_request_tokens=lengths["teacher"], name="teacher")
+        # Adam's moments exist from here on (torch creates them at the first update), so that
+        # a KV cache sized from the free memory leaves room for them
+        start_optimizer_state(self.student.optimizer)
+        size_kv_caches([self.student_generator] + ([self.teacher_generator] if cfg.rollout.writes_prefixes else []))
         if own_groups is not None:  # scores and writes prefixes for the student's ranks by collectives
             layout = TeacherLayout(ModelGroups.megatron(), own_groups)
             self.teacher = LayoutTeacher(teacher_gpt, layout)

@@ -95,11 +95,15 @@ def problems(cfg: RunConfig, world_size: int, platform: Platform | None = None) 
 
 
 def platform_problems(cfg: RunConfig, platform: Platform) -> list[str]:
-    """What the GPU path would assert (or fail on) deep inside megatron-core or TE."""
+    """What the GPU path would assert (or fail on) deep inside megatron-core or TE, and what
+    needs a GPU."""
+    r = cfg.rollout
     if not platform.cuda:
+        if r.engine.name == "dynamic" and r.engine.kv_cache_free_fraction:
+            return [f"rollout.engine.kv_cache_free_fraction={r.engine.kv_cache_free_fraction} needs a GPU (a share of "
+                    "its free memory); set rollout.engine.kv_cache_gib"]
         return []
     out = []
-    r = cfg.rollout
     generating = (("student", cfg.student.model),) + ((("teacher", cfg.teacher.model),) if r.writes_prefixes else ())
     if r.engine.name == "dynamic":
         if problem := platform.dynamic_engine_problem():

@@ -16,6 +16,12 @@ from .vocab import dense_forward_kl, dense_reverse_kl, gather_logprobs
 # Metrics that are token counts; "loss" is a sum over all loss tokens (mean: / tokens); every
 # other metric is a sum over on-policy tokens (mean: / policy_tokens).
 COUNT_METRICS = ("tokens", "policy_tokens", "prefix_tokens", "nonfinite_tokens")
+# rollout_log_ratio_p99 on a grid of quarter decades, 1e-6 to 1e2: the loss sums, per edge, the
+# tokens whose |log rho| exceeds it (O(1) scalars, reduced with the rest); reduce_metrics
+# reports the smallest edge that at most 1% of the tokens exceed (the p99, rounded up to the
+# grid; 1e2 when even that is exceeded)
+LOG_RATIO_EDGES = tuple(10 ** (k / 4) for k in range(-24, 9))
+_ABOVE = "rollout_log_ratio_above/"  # + the edge's index: the per-edge sums, dropped by reduce_metrics
 
 
 def _expect(name: str, tensor, shape, *, floating: bool = False, integer: bool = False) -> None:
@@ -199,6 +205,9 @@ def distillation_loss(
                    else (log_rho.exp() - 1).abs() > config.ppo_clip)
         metrics["rollout_log_ratio_abs"] = token_sum(log_rho.abs())
         metrics["rollout_clip_fraction"] = token_sum(clipped)
+        edges = torch.tensor(LOG_RATIO_EDGES, dtype=torch.float32, device=log_rho.device)
+        above = ((log_rho.abs()[..., None] > edges) * policy_weight[..., None]).flatten(0, -2).sum(0)
+        metrics.update({f"{_ABOVE}{i:02d}": v for i, v in enumerate(above)})
     return loss_sum, (weight != 0).sum().to(torch.int32), metrics
 
 
@@ -238,4 +247,10 @@ def reduce_metrics(metrics: dict[str, torch.Tensor], group: ProcessGroup = None)
     def mean(key, value):
         return value / max(totals.get("tokens" if key == "loss" else "policy_tokens", 0.0), 1e-12)
 
-    return {key: value if key in COUNT_METRICS else mean(key, value) for key, value in totals.items()}
+    reduced = {key: value if key in COUNT_METRICS else mean(key, value) for key, value in totals.items()
+               if not key.startswith(_ABOVE)}
+    above = [mean(key, value) for key, value in totals.items() if key.startswith(_ABOVE)]  # sorted by index
+    if above:
+        reduced["rollout_log_ratio_p99"] = next((e for e, f in zip(LOG_RATIO_EDGES, above) if f <= 0.01),
+                                                LOG_RATIO_EDGES[-1])
+    return reduced

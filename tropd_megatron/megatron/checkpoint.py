@@ -66,19 +66,26 @@ def _torch_optimizers(optimizer):
             yield part.optimizer
 
 
-def _start_adam_state(optimizer) -> None:
-    """Give torch Adam the state it has before its first step (zero moments, step 0) where it
-    has none yet. Megatron's distributed optimizer reads every parameter's ``step`` from it to
-    save (a run whose first updates were all skipped) and to load into a fresh optimizer; with
-    TransformerEngine's or apex's Adam the step lives elsewhere, with torch's it is per parameter."""
-    for inner in _torch_optimizers(optimizer):
-        if not isinstance(inner, torch.optim.Adam):  # AdamW is one
+def start_optimizer_state(optimizer) -> None:
+    """Give Adam the state it has before its first step (zero moments; torch's step 0) where it
+    has none yet: the trainer calls it once before anything is sized, so that the moments hold
+    their memory from the start (Adam creates them lazily, at the first update, after the KV
+    caches were sized from the free memory), and every save calls it. Megatron's distributed
+    optimizer reads every parameter's ``step`` from torch Adam's state to save (a run whose first
+    updates were all skipped) and to load into a fresh optimizer; TransformerEngine's and apex's
+    FusedAdam keep the step in their param_groups and get Megatron's own ``init_state_fn``."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if inner is None:
             continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if not inner.state[p]:
-                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
+        if isinstance(inner, torch.optim.Adam):  # AdamW is one
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if not inner.state[p]:
+                        inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                          "exp_avg_sq": torch.zeros_like(p)}
+        elif getattr(part, "init_state_fn", None) is not None:
+            part.init_state_fn(inner, part.config)  # fills only parameters without state
 
 
 def _restore_adam_steps(optimizer, loaded: dict) -> None:
@@ -127,7 +134,7 @@ def _sharded_state(model, optimizer, is_loading: bool, optimizer_format: str) ->
     model_state = model.sharded_state_dict(metadata={"dp_cp_group": ModelGroups.of(model).pgs.dp_cp})
     state = {"model": model_state}
     if optimizer is not None:
-        _start_adam_state(optimizer)
+        start_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
             model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
     return state

@@ -4,12 +4,13 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 
 from .. import RunError
-from ..planner import kv_cache_bytes
+from ..planner import GIB, kv_cache_bytes, kv_cache_demand, kv_cache_shares
 from ..validate import kv_buffer_problem
 from ..seeds import stream_seed
 from .compat import EngineSpec, dynamic_engine, kv_bytes_in_use, reseed_sampling, run_dynamic, run_static, static_engine
@@ -52,8 +53,10 @@ class EngineConfig:
     name: str = "dynamic"
     max_requests: int = 64  # sequences generated at once
     kv_cache_gib: float = 1.0  # dynamic: each generator's KV buffer
-    # dynamic, on GPU: this share of the free GPU memory (when the generator is first used)
-    # instead of kv_cache_gib; 0: off
+    # dynamic, on GPU: instead of kv_cache_gib, this share of the GPU memory left free once the
+    # models and Adam's moments exist, read once (the least over all ranks) before the first
+    # rollout and split between the generators that generate in proportion to what each can
+    # use (size_kv_caches); 0: off
     kv_cache_free_fraction: float = 0.0
     block_size_tokens: int = 256
 
@@ -153,6 +156,37 @@ def _sampling_params(sampling: SamplingConfig, budget: int, eos_id: int):
     )
 
 
+def free_gpu_bytes() -> int:
+    """The free memory of the GPU with the least of it, over all ranks: the ranks of one model
+    must build equal KV caches (the dynamic engine's scheduling runs replicated on each)."""
+    if not torch.cuda.is_available():
+        raise ValueError("rollout.engine.kv_cache_free_fraction needs a GPU; set rollout.engine.kv_cache_gib")
+    free = torch.tensor([torch.cuda.mem_get_info()[0]], dtype=torch.int64, device="cuda")
+    dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    return int(free.item())
+
+
+def size_kv_caches(generators: list, free_bytes: int | None = None) -> None:
+    """Turn ``kv_cache_free_fraction`` into each generator's ``kv_cache_gib``, from one reading
+    of the free memory (``free_bytes``; None: ``free_gpu_bytes()``) for generators that hold
+    their caches at the same time (planner.kv_cache_shares). Their later engines, rebuilt after
+    each release, keep those sizes. Collective over all ranks when it reads the GPU."""
+    sized = [g for g in generators if g.engine_config.name == "dynamic" and g.engine_config.kv_cache_free_fraction]
+    if not sized:
+        return
+    fraction = sized[0].engine_config.kv_cache_free_fraction
+    free = free_gpu_bytes() if free_bytes is None else free_bytes
+    shares = kv_cache_shares(free, fraction, {i: g.kv_cache_demand() for i, g in enumerate(sized)})
+    for i, g in enumerate(sized):
+        layout = g.layout
+        message = kv_buffer_problem(g.config, g.engine_config, layout["tensor"], layout["pipeline"],
+                                    g.max_request_tokens, shares[i])
+        if message:
+            raise ValueError(f"{g.name}: rollout.engine.kv_cache_free_fraction={fraction} of the {free / GIB:.3g} GiB "
+                             f"free gives {shares[i]:.3g} GiB: {message}")
+        g.engine_config = replace(g.engine_config, kv_cache_gib=shares[i], kv_cache_free_fraction=0.0)
+
+
 class Generator:
     """One of Megatron's inference engines over ``model`` (a GPTModel, e.g. ``ddp.module``):
     generation reads the live weights, so a student generates with its current parameters.
@@ -183,6 +217,16 @@ class Generator:
         has no suspend."""
         self._engine = self._controller = None
 
+    @property
+    def layout(self) -> dict:
+        """The model's own tensor and pipeline sizes (a teacher's may differ from the global ones)."""
+        groups = ModelGroups.of(self.model)
+        return dict(tensor=groups.tensor, pipeline=groups.pipeline)
+
+    def kv_cache_demand(self) -> int:
+        """The most KV cache bytes this generator can use on this GPU (planner.kv_cache_demand)."""
+        return kv_cache_demand(self.config, self.engine_config, request_tokens=self.max_request_tokens, **self.layout)
+
     def _spec(self) -> EngineSpec:
         engine, config = self.engine_config, self.config
         groups = ModelGroups.of(self.model)  # the model's own layout (a teacher's may differ from the global one)
@@ -194,20 +238,16 @@ class Generator:
             kv_cache_gib=engine.kv_cache_gib, block_size_tokens=engine.block_size_tokens,
         )
         if engine.name == "dynamic":
-            gib = None
-            if engine.kv_cache_free_fraction:
-                if not torch.cuda.is_available():
-                    raise ValueError("rollout.engine.kv_cache_free_fraction needs a GPU; set rollout.engine.kv_cache_gib")
-                gib = engine.kv_cache_free_fraction * torch.cuda.mem_get_info()[0] / 2**30
-            layout = dict(tensor=groups.tensor, pipeline=groups.pipeline)
-            message = kv_buffer_problem(config, engine, layout["tensor"], layout["pipeline"], self.max_request_tokens, gib)
+            layout = self.layout
+            message = kv_buffer_problem(config, engine, layout["tensor"], layout["pipeline"], self.max_request_tokens)
             if message:
                 raise ValueError(f"{self.name}: {message}")
-            spec.kv_cache_gib = kv_cache_bytes(config, engine, request_tokens=self.max_request_tokens, buffer_gib=gib,
-                                               **layout) / 2**30
+            spec.kv_cache_gib = kv_cache_bytes(config, engine, request_tokens=self.max_request_tokens, **layout) / GIB
         return spec
 
     def _build(self):
+        if self.engine_config.kv_cache_free_fraction:  # a generator used alone (evaluation): sized at first use
+            size_kv_caches([self])
         build = dynamic_engine if self.engine_config.name == "dynamic" else static_engine
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the engines' own deprecation notices

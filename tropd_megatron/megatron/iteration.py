@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
 from megatron.core import parallel_state
 
 from ..data import PromptStream
@@ -31,9 +32,12 @@ def run_iteration(student: Student, teacher, student_generator: Generator, teach
     if prompts_per_step % dp_size:
         raise ValueError(f"prompts_per_step={prompts_per_step} must be divisible by data-parallel size {dp_size}")
     batch = prompts.next_batch(prompts_per_step)[dp_rank::dp_size]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     rollouts = collect_rollouts(student_generator, teacher_generator, [p.token_ids for p in batch], rollout,
                                 step=step, total_steps=total_steps, seed=stream_seed(seed, "rollouts", rank=dp_rank))
+    kv_bytes = max(g.stats.kv_bytes for g in (student_generator, teacher_generator))  # before the release
     for generator in (student_generator, teacher_generator):
         generator.release()  # the KV caches give way to the training step's activations
     t1 = time.perf_counter()
@@ -61,5 +65,8 @@ def run_iteration(student: Student, teacher, student_generator: Generator, teach
         prefixed_fraction=sum(bool(r.prefix) for r in rollouts) / max(len(rollouts), 1),
         skipped_long_prompts=prompts.skipped_too_long,
         tokens_per_second=generated / max(seconds["total"], 1e-9),
+        kv_bytes=kv_bytes,  # this rank's largest KV cache in use while generating
     )
+    if torch.cuda.is_available():  # this rank's peak over rollouts and training (no allocator statistics on CPU)
+        metrics["memory_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return IterationResult(result, metrics, seconds)

@@ -44,28 +44,31 @@ def initialize(parallel: ParallelConfig, seed: int = 0) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def device_settings(*, on_gpu: bool, have_te: bool, initialize: bool = True) -> dict:
+def device_settings(*, on_gpu: bool, have_te: bool) -> dict:
     """The TransformerConfig settings that follow the device and the kernel library; a pure
     function, so that the GPU's choices are tested on CPU.
 
     - CPU: weights drawn whole on the host and sliced (``use_cpu_initialization``: identical
       weights at any TP size for one seed, what the parity tests rely on). GPU: drawn on the
       device per shard (a 70B model's full host-side init would take minutes before its
-      checkpoint overwrites it; random-weight runs then differ across TP sizes).
+      checkpoint overwrites it; random-weight runs then differ across TP sizes). Initialisation
+      stays on for models loaded next: Megatron's local layers mark their weights as
+      tensor-parallel only while initialising them, and unmarked shards drop out of the
+      gradient norm on every TP rank but the first (measured: a resumed TP=2 run's grad norm
+      0.85x the uninterrupted one's; Megatron-Bridge keeps it on for the same reason, its
+      PR 992). On the device it costs one draw per shard.
     - GPU with TransformerEngine: fused RoPE (the unfused THD path splits and syncs per packed
       sequence in every layer), fused SwiGLU (``bias_activation_fusion``; Megatron's
       ``bias_swiglu`` takes no bias too) and fused weight-gradient accumulation into the DDP's
       fp32 ``main_grad`` (TE's linear layers). Without TE these kernels do not exist.
     - The p2p sync calls ``torch.cuda.synchronize`` (GPU only).
-    - ``initialize`` False: the weights are left as allocated (a checkpoint overwrites every
-      one of them next), on CPU and GPU alike.
     """
     fused = on_gpu and have_te
     return dict(use_cpu_initialization=not on_gpu, batch_p2p_sync=on_gpu, apply_rope_fusion=fused,
-                bias_activation_fusion=fused, gradient_accumulation_fusion=fused, perform_initialization=initialize)
+                bias_activation_fusion=fused, gradient_accumulation_fusion=fused)
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, initialize: bool = True) -> TransformerConfig:
+def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
     dtype = model.torch_dtype
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -95,23 +98,21 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, initiali
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         calculate_per_token_loss=True,  # the loss returns (sum, token count): global token mean
-        **device_settings(on_gpu=not cpu.on_cpu(), have_te=HAVE_TE, initialize=initialize),
+        **device_settings(on_gpu=not cpu.on_cpu(), have_te=HAVE_TE),
     )
 
 
 def build_gpt(model: ModelConfig, parallel: ParallelConfig, *, frozen: bool = False,
-              groups: ModelGroups | None = None, initialize: bool = True) -> GPTModel:
+              groups: ModelGroups | None = None) -> GPTModel:
     """This rank's pipeline stage of the model. ``frozen``: eval mode, no gradients (the
     teacher: it gets no optimizer state either, since only the student is handed to one).
     ``groups``: the process groups of a layout other than Megatron's global one (a teacher on
-    its own ``parallel``, see groups.layout_groups); None: the global groups. ``initialize``
-    False: no random initialisation, for a model whose weights are loaded next (a 70B model's
-    init costs minutes; the loaders write every parameter, padded embedding rows included)."""
+    its own ``parallel``, see groups.layout_groups); None: the global groups."""
     parallel.check(dist.get_world_size(), model)
     if groups is not None and (groups.tensor, groups.pipeline) != (parallel.tensor, parallel.pipeline):
         raise ValueError(f"groups of (tensor, pipeline) = {(groups.tensor, groups.pipeline)} for a model at "
                          f"{(parallel.tensor, parallel.pipeline)}")
-    config = transformer_config(model, parallel, initialize=initialize)
+    config = transformer_config(model, parallel)
     gpt = GPTModel(
         config,
         gpt_decoder_spec(config, model.qk_layernorm),

@@ -142,12 +142,10 @@ class SpikeGuard:
         self.norms = (self.norms + [float(norm)])[-self.window:]
 
 
-def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, total_steps: int, *,
-                  initialize: bool = True) -> Student:
-    """``initialize`` False: weights left uninitialised, for a student loaded next (build_gpt)."""
+def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, total_steps: int) -> Student:
     if optim.warmup_steps and optim.warmup_steps >= total_steps:
         raise ValueError(f"OptimConfig.warmup_steps={optim.warmup_steps} must be below total_steps={total_steps}")
-    gpt = build_gpt(model, parallel, initialize=initialize)
+    gpt = build_gpt(model, parallel)
     config = gpt.config
     distributed = optim.distributed_optimizer and optim.optimizer == "adam"  # CPU and GPU alike
     ddp = DistributedDataParallel(

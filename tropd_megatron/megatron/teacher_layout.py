@@ -268,5 +268,9 @@ class LayoutGenerator:
             raise ValueError("per-prompt budgets are not routed between layouts; teacher prefixes use one budget")
         return self.layout.generate(self.generator, prompts, sampling, seed=seed)
 
+    @property
+    def stats(self):
+        return self.generator.stats
+
     def release(self) -> None:
         self.generator.release()
