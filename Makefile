@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 export OMP_NUM_THREADS := 1
 
-.PHONY: test test-gpu gpu-check test-mcore019 demo compare bench install clean
+.PHONY: test lint test-gpu gpu-check test-mcore019 demo compare bench install clean
 
 # constraints.txt pins every other package to the versions the README's figures were measured
 # with (pip freeze of the measuring venv); regenerate it when upgrading on purpose.
@@ -27,6 +27,10 @@ PARITY_TESTS := tests/test_distributed_optimizer.py tests/test_megatron_step.py 
 test: install
 	$(PY) -m pytest -q tests
 	$(PINNED_ISA) $(PY) -m pytest -q $(PARITY_TESTS)
+
+# pyflakes' and pycodestyle's error classes over the whole tree (ruff.toml; ruff pinned in constraints.txt).
+lint: install
+	$(VENV)/bin/ruff check .
 
 # The loss benchmark at TP = 2 (docs/benchmarks.md); pass options with ARGS="--dtype bf16".
 bench: install

@@ -7,7 +7,9 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["tropd_megatron", "tropd_megatron.*"]),
+    # the launchers and recipes install beside the library: `python -m launch.plan` and
+    # `from recipes import get_recipe` work from any directory
+    packages=find_packages(include=["tropd_megatron", "tropd_megatron.*", "launch", "recipes"]),
     # torch is not pinned here: on CPU machines `make` installs the local CPU wheel first;
     # on GPU clusters the container's CUDA torch is used as is.
     # math-verify grades evaluation answers (evaluation/answers.py)
@@ -20,6 +22,6 @@ setup(
         "data": ["pyarrow", "datasets"],  # Parquet and datasets-folder prompt files
         "wandb": ["wandb"],  # logging.wandb
         "modelopt": ["nvidia-modelopt"],  # tropd_megatron.losses.modelopt (ModelOpt distillation criteria)
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff"],  # ruff: make lint (ruff.toml)
     },
 )

@@ -191,9 +191,9 @@ def main():
         step(fresh())  # warm-up
         x = fresh()
         sync()
-        peak = memory.peak(lambda: step(x))
+        peak = memory.peak(lambda x=x: step(x))
         x = fresh()
-        measured.append((peak, *collectives(lambda: step(x))))
+        measured.append((peak, *collectives(lambda x=x: step(x))))
         del x
 
     set_malloc(32 << 20, 1 << 30)

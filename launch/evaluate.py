@@ -25,7 +25,8 @@ def main(argv=None) -> None:
     parser.add_argument("--problems", required=True, help="JSONL with a prompt and a reference answer per line")
     parser.add_argument("--samples", type=int, default=1, help="n of avg@n (1: greedy)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when n > 1")
-    parser.add_argument("--max-new-tokens", type=int, help="default: the recipe's eval budget (eval.max_new_tokens, else the rollouts')")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="default: the recipe's eval budget (eval.max_new_tokens, else the rollouts')")
     parser.add_argument("--max-problems", type=int, default=0, help="0: all")
     parser.add_argument("--weights", help="a checkpoint folder (a run's root or one step_* folder)")
     parser.add_argument("--results", help="results JSONL (default: none)")

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from tropd_megatron.losses import DenseKLConfig, EOPDConfig, OPDConfig, REOPOLDConfig, TrOPDConfig, sequence_token_keys, token_uniforms
+from tropd_megatron.losses import (DenseKLConfig, EOPDConfig, OPDConfig, REOPOLDConfig, TrOPDConfig, sequence_token_keys,
+                                   token_uniforms)
 
 
 def log_probs(logits: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -77,7 +78,8 @@ def objective(config, student, teacher, y, mask, *, vocab, prefix=None, rollout=
         gate = (entropy(teacher, vocab) > config.entropy_threshold).double()
         per = pg(lp_y, r, ro, config) + config.alpha * gate * topk_term(config.topk, config.topk_kl)
     elif isinstance(config, REOPOLDConfig):
-        b = math.log(config.lam / (1 - config.lam)) if config.reward_floor == "log_odds" else math.log(config.lam) / (1 - config.lam)
+        b = (math.log(config.lam / (1 - config.lam)) if config.reward_floor == "log_odds"
+             else math.log(config.lam) / (1 - config.lam))
         if step < config.switch_step:
             m = (r >= b).double()
         else:

@@ -62,7 +62,8 @@ def test_tensor_parallel_halves_every_model_shard():
     # the dynamic engine's buffer is a size per GPU, whatever the layout (the static one takes no SP)
     static = ["rollout.engine.name=static", "parallel.sequence_parallel=false"]
     tp1 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=1", "teacher.parallel.tensor=1", *static]), 4)
-    tp2 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=2", "teacher.parallel.tensor=2", *static]), 8)  # the same data parallel 4
+    # the same data parallel 4
+    tp2 = items(get_recipe("qwen3_8b_to_1p7b", ["parallel.tensor=2", "teacher.parallel.tensor=2", *static]), 8)
     for name in ("student weights", "student gradients", "student optimizer", "teacher weights", "student logits",
                  "student KV cache", "teacher KV cache"):
         assert tp2[name] == pytest.approx(tp1[name] / 2, rel=1e-4), name

@@ -135,7 +135,8 @@ def test_primitives_match_reference(tp):
     # log-softmax: values on real columns, -inf on padding, gradient of a weighted sum
     value = unshard([r["log_softmax"][0] for r in ranks])
     grad = unshard([r["log_softmax"][1] for r in ranks])
-    ev, eg = _full_grad(lambda x: (ref.log_probs(x, VOCAB), (data["column_weights"][..., :VOCAB] * ref.log_probs(x, VOCAB)).sum()), st)
+    ev, eg = _full_grad(lambda x: (ref.log_probs(x, VOCAB),
+                                   (data["column_weights"][..., :VOCAB] * ref.log_probs(x, VOCAB)).sum()), st)
     _close(value[..., :VOCAB], ev, "log_softmax value")
     assert np.isneginf(value[..., VOCAB:]).all()
     _close(grad, eg, "log_softmax grad")

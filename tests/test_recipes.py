@@ -141,3 +141,18 @@ def test_the_yaml_written_beside_a_run_is_the_configuration(name):
     back = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(to_yaml(cfg))))
     assert back == cfg and flatten(back) == flatten(cfg) and len(flatten(cfg)) == len(leaf_keys(cfg))
     assert apply_overrides(cfg, []) == cfg
+
+
+@pytest.mark.timeout(120)
+def test_the_installed_launchers_run_from_any_directory(tmp_path):
+    """setup.py installs launch and recipes beside the library: `python -m launch.plan` runs
+    from a folder outside the checkout, with nothing on PYTHONPATH."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-m", "launch.plan", "--recipe", "llama3_70b_to_8b", "--gpus", "32"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fits:" in out.stdout

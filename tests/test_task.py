@@ -62,7 +62,7 @@ def test_checker_reads_the_last_final_answer():
 def test_tokenizer_trains_deterministically_and_round_trips(tmp_path):
     texts = [f"Q: {p.question} A: {p.solution}" for p in make_split(1000, seed=0)]
     a = SentencePieceTokenizer.train(texts, tmp_path / "a.model", vocab_size=64)
-    b = SentencePieceTokenizer.train(texts, tmp_path / "b.model", vocab_size=64)
+    SentencePieceTokenizer.train(texts, tmp_path / "b.model", vocab_size=64)
     assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
     assert a.vocab_size <= 64 and a.eos_id == 1
     for text in texts[:200]:

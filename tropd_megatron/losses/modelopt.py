@@ -57,8 +57,9 @@ is the LM loss), temperature (ModelOpt's ``logit_kl_temperature``), and the metr
 (a criterion returns one tensor). The stochastic trust mask hashes (seed, ``step``, token
 keys); the keys come from each row's labels with every position counted (the loss mask is
 not known here), so set ``criterion.step`` every iteration, or revisited data gets the same
-draws; under context parallelism they hash each rank's chunk of a row, not the whole row. A token where the teacher's logits are non-finite gets loss 0 and zero gradient, but
-it still counts in Megatron's token count (that count comes from the loss mask).
+draws; under context parallelism they hash each rank's chunk of a row, not the whole row. A
+token where the teacher's logits are non-finite gets loss 0 and zero gradient, but it still
+counts in Megatron's token count (that count comes from the loss mask).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ quiet_known_warnings()  # before megatron-core's modules load: they warn at impo
 
 from .config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 from .models import build_gpt, shared_vocabulary_rows, initialize  # noqa: E402
-from .step import MicroBatch, Student, StepResult, build_student, teacher_outputs, train_step
+from .step import MicroBatch, Student, StepResult, build_student, teacher_outputs, train_step  # noqa: E402
 
 __all__ = [
     "MicroBatch", "ModelConfig", "OptimConfig", "ParallelConfig", "StepResult", "Student",

@@ -141,7 +141,7 @@ def _mask_padded_vocabulary(gpt: GPTModel, vocab_size: int) -> None:
     """Padded vocabulary rows get -inf logits, in training and in generation alike: the
     engine's sampling and log-probs then cover the true vocabulary, as the losses do."""
     shard = VocabShard.of(
-        gpt.output_layer.weight.shape[0] if gpt.output_layer.weight is not None else gpt.shared_embedding_or_output_weight().shape[0],
+        (gpt.output_layer.weight if gpt.output_layer.weight is not None else gpt.shared_embedding_or_output_weight()).shape[0],
         gpt.pg_collection.tp, vocab_size,
     )
     def hook(module, inputs, output):
