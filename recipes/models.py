@@ -2,14 +2,15 @@
 for any supported Hugging Face folder on hand."""
 from dataclasses import replace
 
-from tropd_megatron.megatron.config import ModelConfig
-from tropd_megatron.megatron.hf_checkpoint import model_config_from_hf
+from tropd_megatron.config.model import ModelConfig
 
 
 def from_hf(folder: str, *, vocab_size: int | None = None, **settings) -> ModelConfig:
     """The ModelConfig of a Hugging Face folder (Llama 3, Qwen2 / 2.5, Qwen3), for a recipe
     written against checkpoints on disk. ``vocab_size``: the tokenizer's size when the
     embedding has padding rows; ``settings``: e.g. dtype="bf16", recompute="selective"."""
+    from tropd_megatron.megatron.hf_checkpoint import model_config_from_hf  # megatron-core: only for HF recipes
+
     return replace(model_config_from_hf(folder, vocab_size=vocab_size), **settings)
 
 LLAMA3_VOCAB = 128256

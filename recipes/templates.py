@@ -11,9 +11,8 @@ rollouts are fresh, one update each, and only the inference kernels differ from 
 """
 from tropd_megatron.data import PromptDataConfig
 from tropd_megatron.losses import EOPDConfig, OPDConfig, REOPOLDConfig, TrOPDConfig
-from tropd_megatron.megatron.config import ModelConfig, OptimConfig, ParallelConfig, TeacherParallelConfig
-from tropd_megatron.megatron.inference import EngineConfig, SamplingConfig
-from tropd_megatron.megatron.rollout import RolloutConfig
+from tropd_megatron.config.model import ModelConfig, OptimConfig, ParallelConfig, TeacherParallelConfig
+from tropd_megatron.config.rollout import EngineConfig, RolloutConfig, SamplingConfig
 from tropd_megatron.run_config import (CheckpointConfig, EvalConfig, LoggingConfig, ModelSpec, ObjectiveChoice,
                                        RunConfig, ScheduleConfig, TeacherSpec)
 

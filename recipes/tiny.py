@@ -3,9 +3,8 @@
 files it names (prompts, tokenizer, SFT teacher and student) under ``root``."""
 from tropd_megatron.data import PromptDataConfig
 from tropd_megatron.losses import TrOPDConfig
-from tropd_megatron.megatron.config import ModelConfig, OptimConfig, ParallelConfig
-from tropd_megatron.megatron.inference import EngineConfig, SamplingConfig
-from tropd_megatron.megatron.rollout import RolloutConfig
+from tropd_megatron.config.model import ModelConfig, OptimConfig, ParallelConfig
+from tropd_megatron.config.rollout import EngineConfig, RolloutConfig, SamplingConfig
 from tropd_megatron.run_config import (CheckpointConfig, EvalConfig, LoggingConfig, ModelSpec, ObjectiveChoice,
                                        RunConfig, ScheduleConfig, TeacherSpec)
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # annotations only: the planner itself needs neither torch nor Megatron
-    from .megatron.config import ModelConfig
+    from .config.model import ModelConfig
     from .run_config import RunConfig
 
 GIB = 2**30

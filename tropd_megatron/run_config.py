@@ -16,9 +16,15 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .data import PromptDataConfig
 from .losses import DenseKLConfig, EOPDConfig, OPDConfig, REOPOLDConfig, TrOPDConfig
-from .megatron.checkpoint import OPTIMIZER_FORMATS
-from .megatron.config import ModelConfig, OptimConfig, ParallelConfig, TeacherParallelConfig
-from .megatron.rollout import RolloutConfig
+from .config.model import ModelConfig, OptimConfig, ParallelConfig, TeacherParallelConfig
+from .config.rollout import RolloutConfig
+
+# How Megatron's distributed optimizer lays out its state: "dp_reshardable" saves each rank's
+# shard in parallel with no exchange and loads at any data-parallel size, but only at the
+# saving run's tensor x pipeline layout; "fully_reshardable" gathers the state over
+# data-parallel ranks into per-parameter tensors (the full state of a TP x PP shard is briefly
+# held on every rank) and loads at any layout.
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 
 
 @dataclass

@@ -6,7 +6,7 @@ from ..logs import quiet_known_warnings
 
 quiet_known_warnings()  # before megatron-core's modules load: they warn at import
 
-from .config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
+from ..config.model import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 from .models import build_gpt, shared_vocabulary_rows, initialize  # noqa: E402
 from .step import MicroBatch, Student, StepResult, build_student, teacher_outputs, train_step  # noqa: E402
 

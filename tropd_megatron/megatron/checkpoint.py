@@ -28,6 +28,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from .compat import HAVE_TE
 from .groups import ModelGroups
+from ..run_config import OPTIMIZER_FORMATS
 
 LATEST = "latest"
 TRAINER_STATE = "trainer.json"
@@ -51,12 +52,6 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-# How Megatron's distributed optimizer lays out its state: "dp_reshardable" saves each rank's
-# shard in parallel with no exchange and loads at any data-parallel size, but only at the
-# saving run's tensor x pipeline layout; "fully_reshardable" gathers the state over
-# data-parallel ranks into per-parameter tensors (the full state of a TP x PP shard is briefly
-# held on every rank) and loads at any layout.
-OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 
 
 def _torch_optimizers(optimizer):

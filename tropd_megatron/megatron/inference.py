@@ -14,63 +14,9 @@ from ..planner import GIB, kv_cache_bytes, kv_cache_demand, kv_cache_shares
 from ..validate import kv_buffer_problem
 from ..seeds import stream_seed
 from .compat import EngineSpec, dynamic_engine, kv_bytes_in_use, reseed_sampling, run_dynamic, run_static, static_engine
-from .config import ModelConfig
+from ..config.model import ModelConfig
+from ..config.rollout import EngineConfig, SamplingConfig
 from .groups import ModelGroups
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0
-    top_p: float = 1.0  # 1.0: off
-    top_k: int = 0  # 0: off; 1: greedy
-    max_new_tokens: int = 256
-
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"SamplingConfig.temperature={self.temperature}; must be > 0 (use top_k=1 for greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p={self.top_p}; must be in (0, 1]")
-        if self.top_k < 0 or self.max_new_tokens < 1:
-            raise ValueError(f"SamplingConfig top_k={self.top_k} / max_new_tokens={self.max_new_tokens} out of range")
-
-
-ENGINES = ("dynamic", "static")
-
-
-@dataclass
-class EngineConfig:
-    """How generation runs (``rollout.engine``), for the student's and the teacher's generator
-    alike (each holds its own KV cache).
-
-    ``dynamic``: Megatron's dynamic engine: continuous batching (a finished sequence's slot is
-    refilled at once) over a paged KV cache of ``kv_cache_gib`` GiB in blocks of
-    ``block_size_tokens`` (flash-attn 2 on GPU needs 256), at most ``max_requests`` sequences
-    at once; requests that do not fit wait and still finish. ``static``: the static engine,
-    batches of ``max_requests`` prompts that each decode until their longest sequence ends,
-    with a KV cache of ``max_requests`` x max_sequence_length held from the first call on.
-    """
-
-    name: str = "dynamic"
-    max_requests: int = 64  # sequences generated at once
-    kv_cache_gib: float = 1.0  # dynamic: each generator's KV buffer
-    # dynamic, on GPU: instead of kv_cache_gib, this share of the GPU memory left free once the
-    # models and Adam's moments exist, read once (the least over all ranks) before the first
-    # rollout and split between the generators that generate in proportion to what each can
-    # use (size_kv_caches); 0: off
-    kv_cache_free_fraction: float = 0.0
-    block_size_tokens: int = 256
-
-    def __post_init__(self):
-        if self.name not in ENGINES:
-            raise ValueError(f"rollout.engine.name={self.name!r}; expected one of {ENGINES}")
-        if self.max_requests < 1 or self.block_size_tokens < 1:
-            raise ValueError(f"rollout.engine.max_requests={self.max_requests} and block_size_tokens="
-                             f"{self.block_size_tokens} must be >= 1")
-        if self.kv_cache_gib <= 0 and not 0 < self.kv_cache_free_fraction < 1:
-            raise ValueError(f"rollout.engine.kv_cache_gib={self.kv_cache_gib} must be > 0 (or set "
-                             "kv_cache_free_fraction in (0, 1))")
-        if not 0 <= self.kv_cache_free_fraction < 1:
-            raise ValueError(f"rollout.engine.kv_cache_free_fraction={self.kv_cache_free_fraction}; must be in [0, 1)")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from megatron.core.transformer import TransformerConfig
 from ..losses import VocabShard
 from . import cpu
 from .compat import HAVE_TE, gpt_decoder_spec
-from .config import ModelConfig, ParallelConfig
+from ..config.model import ModelConfig, ParallelConfig
 from .groups import ModelGroups
 
 

@@ -7,59 +7,15 @@ linearly over training from their start to their end values.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..losses import sequence_token_keys
 from ..seeds import stream_seed
-from .inference import EngineConfig, Generator, SamplingConfig
+from ..config.rollout import RolloutConfig
+from .inference import Generator
 from .step import MicroBatch
-
-
-@dataclass
-class RolloutConfig:
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    # the inference engine of both generators (student and teacher), its concurrency and KV memory
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    rollouts_per_prompt: int = 4
-    micro_batch_size: int = 4  # rows per micro-batch (packed: each row holds several rollouts)
-    # pack rollouts into rows of row_tokens tokens, each attending only to itself (False: one
-    # rollout a row, padded to the step's longest)
-    packing: bool = True
-    row_tokens: int = 0  # 0: the longest rollout a run can produce (max_prompt_tokens + max_new_tokens - 1)
-    prefix_share_start: float = 0.0  # share of rollouts that start with a teacher prefix
-    prefix_share_end: float = 0.0
-    prefix_tokens_start: int = 0  # L, the teacher prefix length
-    prefix_tokens_end: int = 0
-
-    def __post_init__(self):
-        for name in ("prefix_share_start", "prefix_share_end"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"RolloutConfig.{name}={getattr(self, name)}; must be in [0, 1]")
-        for name in ("prefix_tokens_start", "prefix_tokens_end"):
-            if not 0 <= getattr(self, name) < self.sampling.max_new_tokens:
-                raise ValueError(f"RolloutConfig.{name}={getattr(self, name)}; must be in [0, max_new_tokens)")
-        if min(self.rollouts_per_prompt, self.micro_batch_size) < 1 or self.row_tokens < 0:
-            raise ValueError("RolloutConfig.rollouts_per_prompt and micro_batch_size must be >= 1, row_tokens >= 0")
-
-    @property
-    def writes_prefixes(self) -> bool:
-        """Whether the teacher writes prefixes at some point of training (it then generates,
-        and its generator holds a KV cache)."""
-        return (max(self.prefix_share_start, self.prefix_share_end) > 0
-                and max(self.prefix_tokens_start, self.prefix_tokens_end) > 0)
-
-    def packed_row_tokens(self, max_prompt_tokens: int) -> int:
-        """Tokens per packed row: ``row_tokens``, or the longest rollout the run can produce."""
-        return self.row_tokens or max_prompt_tokens + self.sampling.max_new_tokens - 1
-
-    def prefix_schedule(self, step: int, total_steps: int) -> tuple[float, int]:
-        """(share, L) at ``step``: linear from the start values to the end values."""
-        t = min(max(step, 0), total_steps) / max(total_steps, 1)
-        share = self.prefix_share_start + t * (self.prefix_share_end - self.prefix_share_start)
-        length = round(self.prefix_tokens_start + t * (self.prefix_tokens_end - self.prefix_tokens_start))
-        return share, length
 
 
 @dataclass

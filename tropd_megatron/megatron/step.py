@@ -26,7 +26,7 @@ from ..losses import (ObjectiveConfig, TeacherSignal, distillation_loss, reduce_
                       swap_token_logits)
 from . import cpu
 from .compat import HAVE_TE
-from .config import ModelConfig, OptimConfig, ParallelConfig
+from ..config.model import ModelConfig, OptimConfig, ParallelConfig
 from .groups import ModelGroups
 from .models import build_gpt
 

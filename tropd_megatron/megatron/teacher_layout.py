@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..losses import TeacherSignal
 from ..seeds import stream_seed
-from .config import ParallelConfig
+from ..config.model import ParallelConfig
 from .groups import ModelGroups, layout_groups
 from .inference import Generation, Generator, SamplingConfig
 from .step import MicroBatch, teacher_outputs

@@ -1,13 +1,14 @@
-"""Typed configs for the Megatron side: models, parallel layout, optimizer. Defaults live here."""
+"""Models, parallel layouts, optimizer. Defaults live here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 RECOMPUTE = ("none", "selective", "full")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ("fp32", "bf16", "fp16")  # torch.float32, torch.bfloat16, torch.float16
 
 
 @dataclass
@@ -37,7 +38,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
-            raise ValueError(f"ModelConfig.dtype={self.dtype!r}; expected one of {tuple(DTYPES)}")
+            raise ValueError(f"ModelConfig.dtype={self.dtype!r}; expected one of {DTYPES}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"ModelConfig.recompute={self.recompute!r}; expected one of {RECOMPUTE}")
         if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
@@ -59,8 +60,10 @@ class ModelConfig:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def torch_dtype(self) -> "torch.dtype":
+        import torch  # here, not at import: the configuration layer needs no torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
 
 
 @dataclass

@@ -1,0 +1,113 @@
+"""The package's shape: the configuration layer without megatron-core, no import cycles."""
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCKED = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "megatron" or name.startswith("megatron."):
+            raise ImportError(f"megatron-core is blocked in this test: {name}")
+sys.meta_path.insert(0, Block())
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_configuration_layer_runs_without_megatron_core():
+    """A RunConfig, its validation and `launch.plan` of a GPU recipe, with megatron-core made
+    unimportable: the configuration dataclasses import only the standard library (and the
+    losses' configs, pure torch), the planner and `validate` read them alone."""
+    code = BLOCKED + """
+from recipes import get_recipe
+from tropd_megatron.validate import validate
+from launch.plan import main
+validate(get_recipe("llama3_70b_to_8b"), 32)
+code = main(["--recipe", "llama3_70b_to_8b", "--gpus", "32"])
+assert not any(m == "megatron" or m.startswith("megatron.") for m in sys.modules)
+sys.exit(code)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "fits:" in out.stdout
+
+
+def module_imports(package: str = "tropd_megatron") -> dict:
+    """{module: the package's modules it imports when it is imported}: module-level imports
+    (not those inside functions or under TYPE_CHECKING), with the parent packages an import
+    runs."""
+    modules = {}
+    for folder, _, files in os.walk(os.path.join(ROOT, package)):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                dotted = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                modules[dotted.removesuffix(".__init__")] = path
+
+    def targets(module, node):
+        if isinstance(node, ast.Import):
+            return [a.name for a in node.names]
+        base = module.split(".") if modules[module].endswith("__init__.py") else module.split(".")[:-1]
+        if node.level:
+            base = base[: len(base) - node.level + 1]
+            name = ".".join(base + ([node.module] if node.module else []))
+        else:
+            name = node.module
+        return [name] + [f"{name}.{a.name}" for a in node.names]
+
+    graph = {}
+    for module, path in modules.items():
+        found = set()
+        for node in ast.parse(open(path).read()).body:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            for n in ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else [node]:
+                if isinstance(n, (ast.Import, ast.ImportFrom)):
+                    for target in targets(module, n):
+                        parts = target.split(".")
+                        found.update(p for p in (".".join(parts[:i]) for i in range(2, len(parts) + 1))
+                                     if p in modules and p != module and not module.startswith(p + "."))
+        graph[module] = found
+    return graph
+
+
+def cycles(graph: dict) -> list:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_between_the_package_modules():
+    graph = module_imports()
+    assert "tropd_megatron.config.model" in graph and "tropd_megatron.megatron.step" in graph
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check itself
+    assert cycles(graph) == []
