@@ -111,3 +111,33 @@ def test_no_import_cycle_between_the_package_modules():
     assert "tropd_megatron.config.model" in graph and "tropd_megatron.megatron.step" in graph
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check itself
     assert cycles(graph) == []
+
+
+def _patches_worker(rank, world):
+    from tropd_megatron.megatron import cpu
+    from tropd_megatron.megatron.patches import PATCHES
+
+    cpu.enable()
+    names = {f"{getattr(p.owner, '__name__', '')}.{p.name}" for p in PATCHES.values()}
+    return names, all(getattr(p.owner, p.name) is p.value for p in PATCHES.values())
+
+
+def test_every_cpu_patch_is_in_place_and_a_renamed_target_fails_loudly():
+    """The CPU stand-ins (megatron/cpu.py) are recorded as they are applied (megatron/patches.py): each target holds
+    its stand-in on this machine, and a target that does not exist (renamed upstream) raises
+    instead of being added as a new, unused attribute."""
+    import types
+
+    pytest.importorskip("megatron.core")
+    from distributed import run_workers
+    from tropd_megatron.megatron import cpu
+    from tropd_megatron.megatron.patches import patch
+
+    if not cpu.on_cpu():
+        pytest.skip("the stand-ins are installed only without CUDA")
+    names, in_place = run_workers(_patches_worker, 1)[0]  # a worker: the parent keeps torch as it is
+    assert {"torch.cuda.current_device", "megatron.core.transformer.attention.flash_attn_varlen_func",
+            "megatron.core.tensor_parallel.random._get_cuda_rng_state", "DynamicInferenceContext.TOKEN_ROUNDER"} <= names
+    assert in_place
+    with pytest.raises(RuntimeError, match="renamed .* does not exist in the installed version"):
+        patch(types.SimpleNamespace(__name__="mod"), "renamed", 1, "a test")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+from .patches import patch
+
 MEGATRON_VERSION = tuple(int(p) for p in importlib.metadata.version("megatron-core").split(".")[:2])
 
 try:  # TransformerEngine needs CUDA; use its fused layers whenever it imports
@@ -94,8 +96,8 @@ def static_engine(model, spec: EngineSpec, *, tokenizer, seed: int):
     from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
     from tqdm import tqdm
 
-    # its per-call "static requests" bar would interleave with the run's own progress output
-    static_engine.tqdm = functools.partial(tqdm, disable=True)
+    patch(static_engine, "tqdm", functools.partial(tqdm, disable=True),
+          "its per-call progress bar would interleave with the run's own progress output")
     if MEGATRON_VERSION >= (0, 19):
         from megatron.core.inference.contexts import StaticInferenceContext
 

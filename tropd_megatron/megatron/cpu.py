@@ -23,9 +23,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-
 import torch
 from torch.overrides import TorchFunctionMode
+
+from .patches import patch as _patch
 
 _MODE = None
 
@@ -177,21 +178,22 @@ def _enable_dynamic_inference() -> None:
 
     from megatron.core.transformer import attention
 
-    cuda_nvtx = torch.cuda.nvtx  # CPU torch raises "NVTX functions not installed"
-    cuda_nvtx.range_push = cuda_nvtx.range_pop = _nvtx_noop
     engine = importlib.import_module("megatron.core.inference.engines.dynamic_engine")
-    engine.range_push = engine.range_pop = _nvtx_noop
-    attention.is_fa_min_version = lambda *a, **k: True  # the dynamic path's flash-attn version assert
-    attention.flash_attn_varlen_func = _flash_attn_varlen_func
-    attention.flash_attn_with_kvcache = _flash_attn_with_kvcache
+    for owner in (torch.cuda.nvtx, engine):
+        for name in ("range_push", "range_pop"):
+            _patch(owner, name, _nvtx_noop, 'NVTX ranges; CPU torch raises "NVTX functions not installed"')
+    _patch(attention, "is_fa_min_version", lambda *a, **k: True, "the dynamic path's flash-attn version assert")
+    _patch(attention, "flash_attn_varlen_func", _flash_attn_varlen_func, "flash-attn's prefill / mixed-step kernel")
+    _patch(attention, "flash_attn_with_kvcache", _flash_attn_with_kvcache, "flash-attn's decode kernel")
     communication = importlib.import_module("megatron.core.inference.communication_utils")
-    communication._is_cuda = _is_a_tensor  # pipeline-parallel generation asserts CUDA tensors
+    _patch(communication, "_is_cuda", _is_a_tensor, "pipeline-parallel generation asserts CUDA tensors")
     context = importlib.import_module("megatron.core.inference.contexts.dynamic_context")
-    # steps are padded to multiples of 64 tokens for GPU kernel and CUDA-graph shapes; on the
-    # CPU the padding is compute (4x on a mixed step of a few prompts)
-    context.DynamicInferenceContext.TOKEN_ROUNDER = 1
-    if getattr(context, "triton_append_key_value_cache", None) is not None:
-        context.triton_append_key_value_cache = None  # asserts CUDA tensors; the torch indexing path runs
+    _patch(context.DynamicInferenceContext, "TOKEN_ROUNDER", 1,
+           "steps padded to multiples of 64 tokens for GPU kernel and CUDA-graph shapes are compute on CPU "
+           "(4x on a mixed step of a few prompts)")
+    if getattr(context, "triton_append_key_value_cache", None) is not None:  # only where triton imports
+        _patch(context, "triton_append_key_value_cache", None,
+               "triton's KV append asserts CUDA tensors; the torch indexing path runs")
 
 
 def on_cpu() -> bool:
@@ -207,19 +209,24 @@ def enable() -> None:
 
     cuda = torch.cuda
     stream = _Stream()
-    cuda.current_device = lambda: torch.device("cpu")  # used as device=..., torch.Generator(device=...)
-    cuda.synchronize = lambda device=None: None
-    cuda.empty_cache = lambda: None
-    cuda.current_stream = lambda device=None: stream
-    cuda.default_stream = lambda device=None: stream
-    cuda.Stream = lambda *a, **k: _Stream()
-    cuda.stream = lambda s=None: contextlib.nullcontext()
-    cuda.Event = _Event
-    cuda.manual_seed = torch.manual_seed
-    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-    cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
-    mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    for name, value in (
+        ("current_device", lambda: torch.device("cpu")),  # used as device=..., torch.Generator(device=...)
+        ("synchronize", lambda device=None: None),
+        ("empty_cache", lambda: None),
+        ("current_stream", lambda device=None: stream),
+        ("default_stream", lambda device=None: stream),
+        ("Stream", lambda *a, **k: _Stream()),
+        ("stream", lambda s=None: contextlib.nullcontext()),
+        ("Event", _Event),
+        ("manual_seed", torch.manual_seed),
+        ("get_rng_state", lambda device="cuda": torch.get_rng_state()),
+        ("set_rng_state", lambda state, device="cuda": torch.set_rng_state(state)),
+    ):
+        _patch(cuda, name, value, "torch.cuda without CUDA: attention buffers, DDP, p2p, timers, the RNG tracker")
+    _patch(mp_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state(),
+           "the model-parallel RNG tracker on the CPU generator")
+    _patch(mp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state),
+           "the model-parallel RNG tracker on the CPU generator")
     # The tracker warns when the CPU generator moves inside a "GPU" RNG fork; here they are one.
     logging.getLogger(mp_random.__name__).setLevel(logging.ERROR)
     _enable_dynamic_inference()

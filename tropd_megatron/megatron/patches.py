@@ -1,0 +1,37 @@
+"""Replacing attributes of megatron-core (and torch) modules: the one way this package does it.
+
+``patch`` checks that the attribute exists before replacing it (assigning an attribute never
+fails, so a rename upstream would otherwise turn the patch into a silent no-op) and records it
+with its reason in ``PATCHES``, which the tests walk (tests/test_architecture.py). The CPU
+stand-ins (``cpu.py``) and the static engine's progress bar (``compat.py``) go through it; a
+patch scoped to one call keeps the original in hand and puts it back (checkpoint.py's
+``_steps_kept_while_loading``, which fails at once if the method is renamed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WRITTEN_FOR = "megatron-core 0.16.1 (the names checked in 0.19.0's source) and torch 2.13"
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One replaced attribute: ``owner`` (a module or class), the attribute's name, the value
+    put there and why."""
+    owner: object
+    name: str
+    value: object
+    why: str
+
+
+PATCHES: dict[tuple[int, str], Patch] = {}  # (id(owner), name) -> the patch in place
+
+
+def patch(owner, name: str, value, why: str) -> None:
+    """``owner.name = value``, after checking that ``owner.name`` exists."""
+    label = getattr(owner, "__name__", type(owner).__name__)
+    if not hasattr(owner, name):
+        raise RuntimeError(f"patch of {label}.{name} ({why}): it does not exist in the installed version; the "
+                           f"patches were written for {WRITTEN_FOR}")
+    setattr(owner, name, value)
+    PATCHES[id(owner), name] = Patch(owner, name, value, why)
