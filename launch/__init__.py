@@ -3,7 +3,7 @@ import os
 import threading
 import time
 
-from tropd_megatron import RunError
+from tropd_megatron import ConfigError, RunError
 from tropd_megatron.logs import logger
 
 BAD_INPUT_EXIT = 2
@@ -29,13 +29,14 @@ def exit_with_launcher(poll_seconds: float = 1.0) -> None:
 
 def run_main(main, argv=None) -> int:
     """The exit code of ``main(argv)``: 0, or 2 after printing ``error: ...`` once when it
-    raises on bad configuration or input (ValueError, FileNotFoundError: the message names the
-    key or file), or 1 after a RunError (a run that cannot go on)."""
+    raises on bad configuration or input (ConfigError, FileNotFoundError: the message names the
+    key or file), or 1 after a RunError (a run that cannot go on). Anything else, a bug, keeps
+    its traceback (exit 1)."""
     exit_with_launcher()
     try:
         main(argv)
         return 0
-    except (ValueError, FileNotFoundError, RunError) as e:
+    except (ConfigError, FileNotFoundError, RunError) as e:
         import torch.distributed as dist
 
         rank = dist.get_rank() if dist.is_initialized() else 0

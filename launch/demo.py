@@ -28,6 +28,7 @@ from tropd_megatron.megatron.inference import Generator
 from tropd_megatron.tasks.tiny import TinyTaskConfig, prepare
 from tropd_megatron.logs import logging_rank, read_metrics
 from tropd_megatron.train import Trainer
+from tropd_megatron import ConfigError
 
 # The student's end figure is the mean of the last evaluations as well as the last one: the
 # held-out curve moves by a few points between evaluations (0.318 at step 175, 0.270 at 200).
@@ -81,7 +82,7 @@ def tiny_configs(root: str, overrides: list) -> tuple:
         task_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TinyTaskConfig()),
                                                        OmegaConf.from_dotlist(task)))
     except OmegaConfBaseException as e:
-        raise ValueError(f"task setting rejected: task.{e.full_key}: {str(e.msg).splitlines()[0]}") from None
+        raise ConfigError(f"task setting rejected: task.{e.full_key}: {str(e.msg).splitlines()[0]}") from None
     return cfg, task_cfg
 
 

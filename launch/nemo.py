@@ -33,6 +33,7 @@ import sys
 
 from recipes import absolute_spec, get_recipe, recipe_parser
 from tropd_megatron.run_config import RunConfig
+from tropd_megatron import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_DEFAULT = 8  # GPUs per node requested for GPU recipes when --gpus-per-node is not given
@@ -138,11 +139,11 @@ def apply_nemo_overrides(buildable, overrides):
     parser = PythonicParser()
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value (for example schedule.steps=2)")
+            raise ConfigError(f"override {item!r} is not key=value (for example schedule.steps=2)")
         try:
             ((key, (op, value)),) = parser.parse(item).items()
         except (CLIException, ValueError) as e:
-            raise ValueError(f"override {item!r}: {e}") from None
+            raise ConfigError(f"override {item!r}: {e}") from None
         parts = key.removeprefix("cfg.").split(".")
         node, done = config, []
         for part in parts:
@@ -150,7 +151,7 @@ def apply_nemo_overrides(buildable, overrides):
             names = [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else []
             if part not in names:
                 where = ".".join(done)
-                raise ValueError(f"unknown override key {'.'.join(parts)!r}; valid keys"
+                raise ConfigError(f"unknown override key {'.'.join(parts)!r}; valid keys"
                                  f"{' under ' + where if where else ''}: "
                                  + ", ".join(".".join([*done, n]) for n in names))
             if len(done) == len(parts) - 1:
@@ -158,7 +159,7 @@ def apply_nemo_overrides(buildable, overrides):
             done.append(part)
             node = getattr(node, part)
             if not isinstance(node, fdl.Buildable):
-                raise ValueError(f"override {item!r}: {'.'.join(done)} is {node!r}, not a configuration")
+                raise ConfigError(f"override {item!r}: {'.'.join(done)} is {node!r}, not a configuration")
         name = parts[-1]
         # the field's type: this project's annotations are strings (``from __future__ import annotations``),
         # which NeMo-Run's own parse_cli_args cannot read, so they are resolved here
@@ -173,9 +174,9 @@ def apply_nemo_overrides(buildable, overrides):
             if op != Operation.ASSIGN:
                 parsed = parser.apply_operation(op, getattr(node, name), parsed)
         except CLIException as e:
-            raise ValueError(f"override {item!r}: {getattr(e, 'reason', None) or e}") from None
+            raise ConfigError(f"override {item!r}: {getattr(e, 'reason', None) or e}") from None
         except (ValueError, TypeError) as e:
-            raise ValueError(f"override {item!r}: {e}") from None
+            raise ConfigError(f"override {item!r}: {e}") from None
         setattr(node, name, parsed)
     return buildable
 
@@ -222,7 +223,7 @@ def check(task, world: int) -> RunConfig:
     if isinstance(task, fdl.Buildable):
         config = fdl.build(task.cfg if isinstance(task, fdl.Partial) else task)
     if not isinstance(config, RunConfig):
-        raise ValueError(f"expected a RunConfig, a run.Config of one or a run.Partial of launch.nemo.train, "
+        raise ConfigError(f"expected a RunConfig, a run.Config of one or a run.Partial of launch.nemo.train, "
                          f"not {type(config).__name__}")
     from tropd_megatron.validate import validate as validate_layout
 
@@ -249,7 +250,7 @@ def validate(args: argparse.Namespace, config: RunConfig = None):
 
 
 def check_memory(config, gpus: int) -> None:
-    """Refuse a GPU layout that cannot fit before queueing it (raise ValueError); CPU recipes skip it."""
+    """Refuse a GPU layout that cannot fit before queueing it (raise ConfigError); CPU recipes skip it."""
     if config.gpu == "cpu":
         return
     from launch.plan import check_fits

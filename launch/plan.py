@@ -12,6 +12,7 @@ import sys
 
 from recipes import parse_recipe_args, recipe_parser
 from tropd_megatron.planner import GIB, MemoryPlan, plan, student_tensor_choices
+from tropd_megatron import ConfigError
 
 
 def check_fits(config, gpus: int) -> None:
@@ -19,7 +20,7 @@ def check_fits(config, gpus: int) -> None:
     (also for a layout that cannot run); return silently when it fits."""
     memory = plan(config, gpus)
     if not memory.fits:
-        raise ValueError(f"the per-GPU memory plan does not fit:\n{memory.format()}")
+        raise ConfigError(f"the per-GPU memory plan does not fit:\n{memory.format()}")
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ from tropd_megatron.run_config import RunConfig, apply_overrides
 from .llama3_70b_to_8b import llama3_70b_to_8b
 from .qwen3_8b_to_1p7b import qwen3_8b_to_1p7b
 from .tiny import tiny
+from tropd_megatron import ConfigError
 
 RECIPES = {"tiny": tiny, "llama3_70b_to_8b": llama3_70b_to_8b, "qwen3_8b_to_1p7b": qwen3_8b_to_1p7b}
 RECIPE_HELP = f"one of {', '.join(sorted(RECIPES))}, or your own: package.module:function or path/to/file.py:function"
@@ -27,7 +28,7 @@ def _module(source: str, spec: str):
     if source.endswith(".py"):
         path = os.path.abspath(source)
         if not os.path.isfile(path):
-            raise ValueError(f"recipe {spec!r}: no such file {path}")
+            raise ConfigError(f"recipe {spec!r}: no such file {path}")
         name = "_tropd_recipe_" + "".join(c if c.isalnum() else "_" for c in path)
         loader = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(loader)
@@ -37,7 +38,7 @@ def _module(source: str, spec: str):
     try:
         return importlib.import_module(source)
     except ModuleNotFoundError as e:
-        raise ValueError(f"recipe {spec!r}: cannot import {e.name!r} (is its folder on PYTHONPATH? "
+        raise ConfigError(f"recipe {spec!r}: cannot import {e.name!r} (is its folder on PYTHONPATH? "
                          "or name a file: path/to/file.py:function)") from None
 
 
@@ -47,7 +48,7 @@ def load_recipe(spec: str):
     if spec in RECIPES:
         return RECIPES[spec]
     if ":" not in spec:
-        raise ValueError(f"unknown recipe {spec!r}; available: {', '.join(sorted(RECIPES))} "
+        raise ConfigError(f"unknown recipe {spec!r}; available: {', '.join(sorted(RECIPES))} "
                          "(or your own: package.module:function, path/to/file.py:function)")
     source, _, function = spec.rpartition(":")
     module = _module(source, spec)
@@ -55,7 +56,7 @@ def load_recipe(spec: str):
     if not callable(recipe):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
                        and getattr(v, "__module__", None) == module.__name__)
-        raise ValueError(f"recipe {spec!r}: {source} has no function {function!r}"
+        raise ConfigError(f"recipe {spec!r}: {source} has no function {function!r}"
                          + (f" (its functions: {', '.join(found)})" if found else ""))
     return recipe
 
@@ -70,7 +71,7 @@ def get_recipe(spec: str, overrides: list[str] = ()) -> RunConfig:
     """The RunConfig of recipe ``spec`` (see ``load_recipe``) with dotted ``key=value`` overrides."""
     config = load_recipe(spec)()
     if not isinstance(config, RunConfig):
-        raise ValueError(f"recipe {spec!r} returned {type(config).__name__}, not a RunConfig")
+        raise ConfigError(f"recipe {spec!r} returned {type(config).__name__}, not a RunConfig")
     return apply_overrides(config, list(overrides))
 
 

@@ -147,3 +147,25 @@ def test_a_corrupt_checkpoint_is_named_not_loaded(tmp_path):
     assert again.returncode == 2, out[-2000:]
     assert f"{tmp_path}/run/step_00000001: unreadable checkpoint (EOFError" in out
     assert f"point {tmp_path}/run/latest at an earlier step_* folder" in out
+
+
+def test_a_bug_keeps_its_traceback():
+    """The entry points exit 2 on bad configuration or input (ConfigError, a missing file), 1
+    on a RunError; any other error, such as a ValueError from a broken invariant, propagates
+    with its traceback instead of reading as bad input."""
+    import pytest
+
+    from launch import run_main
+    from tropd_megatron import ConfigError, RunError
+
+    def raising(error):
+        def main(argv):
+            raise error
+        return main
+
+    assert run_main(raising(ConfigError("schedule.steps=0 must be >= 1"))) == 2
+    assert run_main(raising(FileNotFoundError("data.path=x.jsonl: no such file"))) == 2
+    assert run_main(raising(RunError("the loss is NaN"))) == 1
+    assert run_main(lambda argv: None) == 0
+    with pytest.raises(ValueError, match="an internal invariant"):
+        run_main(raising(ValueError("an internal invariant")))

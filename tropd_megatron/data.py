@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional, Union
 
 from .logs import logger
 from .seeds import stream_seed
+from . import ConfigError
 
 TOKENIZER_TEMPLATE = "tokenizer"  # the data.chat_template value that selects the tokenizer's own
 
@@ -70,15 +71,15 @@ def records(config: PromptDataConfig) -> Iterator[tuple[str, int, object]]:
         try:
             import datasets
         except ImportError:
-            raise ValueError(f"data.path={path} is a folder (a datasets save_to_disk folder?): reading it needs "
+            raise ConfigError(f"data.path={path} is a folder (a datasets save_to_disk folder?): reading it needs "
                              "the datasets package (pip install datasets)") from None
         try:
             data = datasets.load_from_disk(path)
         except FileNotFoundError as e:
-            raise ValueError(f"data.path={path}: not a datasets folder written by save_to_disk ({e})") from None
+            raise ConfigError(f"data.path={path}: not a datasets folder written by save_to_disk ({e})") from None
         if isinstance(data, datasets.DatasetDict):
             if config.split not in data:
-                raise ValueError(f"data.path={path} has splits {sorted(data)}; data.split={config.split!r} is not one")
+                raise ConfigError(f"data.path={path} has splits {sorted(data)}; data.split={config.split!r} is not one")
             data = data[config.split]
         for row, record in enumerate(data, 1):
             yield location(config, row), row, record
@@ -86,7 +87,7 @@ def records(config: PromptDataConfig) -> Iterator[tuple[str, int, object]]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ValueError(f"data.path={path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+            raise ConfigError(f"data.path={path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
         row = 0
         for batch in pq.ParquetFile(path).iter_batches():
             for record in batch.to_pylist():
@@ -101,7 +102,7 @@ def records(config: PromptDataConfig) -> Iterator[tuple[str, int, object]]:
                 try:
                     yield where, line_no, json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                    raise ConfigError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
 
 
 def checked_prompt(prompt, config: PromptDataConfig, where: str):
@@ -110,17 +111,17 @@ def checked_prompt(prompt, config: PromptDataConfig, where: str):
     name = config.prompt_field
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise ValueError(f"{where}: empty prompt")
+            raise ConfigError(f"{where}: empty prompt")
         return prompt
     if not isinstance(prompt, list) or not prompt:
-        raise ValueError(f"{where}: field {name!r} must be a string or a non-empty list of chat messages")
+        raise ConfigError(f"{where}: field {name!r} must be a string or a non-empty list of chat messages")
     for i, message in enumerate(prompt):
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)):
-            raise ValueError(f"{where}: field {name!r} message {i} must be {{'role': str, 'content': str}}, "
+            raise ConfigError(f"{where}: field {name!r} message {i} must be {{'role': str, 'content': str}}, "
                              f"not {message!r}")
     if config.chat_template != TOKENIZER_TEMPLATE:
-        raise ValueError(f"{where}: field {name!r} is a list of chat messages, which only the tokenizer's chat "
+        raise ConfigError(f"{where}: field {name!r} is a list of chat messages, which only the tokenizer's chat "
                          f"template renders: set data.chat_template={TOKENIZER_TEMPLATE}")
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
@@ -144,7 +145,7 @@ class PromptStream:
             except KeyError:
                 prompt = None
             if prompt is None:
-                raise ValueError(f"{where}: missing field {config.prompt_field!r}")
+                raise ConfigError(f"{where}: missing field {config.prompt_field!r}")
             prompt = checked_prompt(prompt, config, where)
             ids = list(tokenize(prompt))
             if len(ids) > config.max_prompt_tokens:
@@ -161,7 +162,7 @@ class PromptStream:
                            f"{config.max_prompt_tokens} ({'rows' if _has_rows(config) else 'lines'} "
                            f"{too_long[:10]}{' ...' if len(too_long) > 10 else ''})")
         if not self.prompts:
-            raise ValueError(f"{config.path}: no usable prompts")
+            raise ConfigError(f"{config.path}: no usable prompts")
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
+from . import ConfigError
 
 if TYPE_CHECKING:  # annotations only: the planner itself needs neither torch nor Megatron
     from .config.model import ModelConfig
@@ -191,7 +192,7 @@ def kv_cache_shares(free_bytes: int, fraction: float, demands: dict) -> dict:
     each take the fraction of what the other left, together more than the fraction."""
     total = sum(demands.values())
     if total <= 0 or free_bytes <= 0:
-        raise ValueError(f"no KV cache to size: {free_bytes} bytes free, demands {demands}")
+        raise ConfigError(f"no KV cache to size: {free_bytes} bytes free, demands {demands}")
     return {name: fraction * free_bytes * demand / total / GIB for name, demand in demands.items()}
 
 
@@ -266,7 +267,7 @@ def _count(n: int) -> str:
 def gpu_capacity(gpu: str) -> Optional[int]:
     """Usable bytes of the named GPU (None for "cpu"); ValueError naming the known GPUs."""
     if gpu not in GPU_MEMORY:
-        raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(GPU_MEMORY)}")
+        raise ConfigError(f"unknown gpu {gpu!r}; known: {', '.join(GPU_MEMORY)}")
     return GPU_MEMORY[gpu]
 
 
@@ -290,7 +291,7 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
     t = config.teacher_parallel
     gpus = config.min_world_size if gpus is None else gpus
     if gpus < 1:
-        raise ValueError(f"gpus={gpus}; must be >= 1")
+        raise ConfigError(f"gpus={gpus}; must be >= 1")
     capacity = gpu_capacity(config.gpu)
     from .validate import validate  # (validate plans KV buffers with this module)
 

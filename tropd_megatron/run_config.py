@@ -18,6 +18,7 @@ from .data import PromptDataConfig
 from .losses import DenseKLConfig, EOPDConfig, OPDConfig, REOPOLDConfig, TrOPDConfig
 from .config.model import ModelConfig, OptimConfig, ParallelConfig, TeacherParallelConfig
 from .config.rollout import RolloutConfig
+from . import ConfigError
 
 # How Megatron's distributed optimizer lays out its state: "dp_reshardable" saves each rank's
 # shard in parallel with no exchange and loads at any data-parallel size, but only at the
@@ -57,7 +58,7 @@ class ObjectiveChoice:
 
     def __post_init__(self):
         if self.name not in OBJECTIVES:
-            raise ValueError(f"objective.name={self.name!r}; expected one of {OBJECTIVES}")
+            raise ConfigError(f"objective.name={self.name!r}; expected one of {OBJECTIVES}")
 
     def selected(self):
         return getattr(self, self.name)
@@ -74,7 +75,7 @@ class ScheduleConfig:
 
     def __post_init__(self):
         if self.steps < 1 or self.prompts_per_step < 1:
-            raise ValueError(f"schedule.steps={self.steps} and schedule.prompts_per_step={self.prompts_per_step} "
+            raise ConfigError(f"schedule.steps={self.steps} and schedule.prompts_per_step={self.prompts_per_step} "
                              "must be >= 1")
 
 
@@ -93,10 +94,10 @@ class CheckpointConfig:
 
     def __post_init__(self):
         if self.save_every < 1 or self.keep_last < 0 or self.keep_every < 0:
-            raise ValueError(f"checkpoint.save_every={self.save_every} must be >= 1, keep_last={self.keep_last} and "
+            raise ConfigError(f"checkpoint.save_every={self.save_every} must be >= 1, keep_last={self.keep_last} and "
                              f"keep_every={self.keep_every} >= 0")
         if self.optimizer_format not in OPTIMIZER_FORMATS:
-            raise ValueError(f"checkpoint.optimizer_format={self.optimizer_format!r}; expected one of "
+            raise ConfigError(f"checkpoint.optimizer_format={self.optimizer_format!r}; expected one of "
                              f"{OPTIMIZER_FORMATS}")
 
 
@@ -118,7 +119,7 @@ class WandbConfig:
 
     def __post_init__(self):
         if self.mode not in WANDB_MODES:
-            raise ValueError(f"logging.wandb.mode={self.mode!r}; expected one of {WANDB_MODES}")
+            raise ConfigError(f"logging.wandb.mode={self.mode!r}; expected one of {WANDB_MODES}")
 
 
 @dataclass
@@ -233,7 +234,7 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
     """
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value (for example schedule.steps=2)")
+            raise ConfigError(f"override {item!r} is not key=value (for example schedule.steps=2)")
     base = OmegaConf.structured(config)
     try:
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
@@ -242,10 +243,10 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
         key = e.full_key or str(e)
         parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
         valid = [k for k in leaf_keys(config) if k.startswith(parent)] or leaf_keys(config)
-        raise ValueError(f"unknown override key {key!r}; valid keys{' under ' + parent[:-1] if parent else ''}: "
+        raise ConfigError(f"unknown override key {key!r}; valid keys{' under ' + parent[:-1] if parent else ''}: "
                          + ", ".join(valid)) from None
     except OmegaConfBaseException as e:
-        raise ValueError(f"override rejected: {e.full_key}: {str(e.msg).splitlines()[0]}") from None
+        raise ConfigError(f"override rejected: {e.full_key}: {str(e.msg).splitlines()[0]}") from None
 
 
 def to_yaml(config: RunConfig) -> str:

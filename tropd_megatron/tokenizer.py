@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import sentencepiece as spm
 
 from .data import TOKENIZER_TEMPLATE
+from . import ConfigError
 
 PAD, EOS, BOS, UNK = 0, 1, 2, 3
 
@@ -65,10 +66,10 @@ class HFTokenizer:
         try:
             self.tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise ValueError(f"tokenizer {self.path}: not a readable Hugging Face tokenizer folder "
+            raise ConfigError(f"tokenizer {self.path}: not a readable Hugging Face tokenizer folder "
                              f"({str(e).splitlines()[0][:200]})") from None
         if self.tok.eos_token_id is None:
-            raise ValueError(f"tokenizer {self.path}: no eos_token in its tokenizer_config.json")
+            raise ConfigError(f"tokenizer {self.path}: no eos_token in its tokenizer_config.json")
         self.vocab_size = len(self.tok)
         self.eos_id = self.tok.eos_token_id
         self.pad_id = self.eos_id if self.tok.pad_token_id is None else self.tok.pad_token_id
@@ -85,7 +86,7 @@ class HFTokenizer:
     def apply_chat_template(self, prompt: str | list) -> list:
         """``prompt`` (a text: one user turn; or chat messages) followed by the assistant's turn header."""
         if not self.tok.chat_template:
-            raise ValueError(f"data.chat_template={TOKENIZER_TEMPLATE!r} but tokenizer {self.path} has no chat "
+            raise ConfigError(f"data.chat_template={TOKENIZER_TEMPLATE!r} but tokenizer {self.path} has no chat "
                              "template (tokenizer_config.json chat_template, or chat_template.jinja)")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return list(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -107,7 +108,7 @@ def prompt_encoder(tokenizer: Tokenizer, chat_template: str) -> Callable[[str], 
     ``{prompt}``, or "tokenizer" for the tokenizer's own chat template."""
     if chat_template == TOKENIZER_TEMPLATE:
         if not isinstance(tokenizer, HFTokenizer):
-            raise ValueError(f"data.chat_template={TOKENIZER_TEMPLATE!r} needs a Hugging Face tokenizer folder; "
+            raise ConfigError(f"data.chat_template={TOKENIZER_TEMPLATE!r} needs a Hugging Face tokenizer folder; "
                              f"{tokenizer.path} is a sentencepiece model")
         return tokenizer.apply_chat_template
     return lambda text: tokenizer.encode(chat_template.format(prompt=text))
@@ -117,11 +118,11 @@ def check_same_vocabulary(student: Tokenizer, teacher: Tokenizer) -> None:
     """Teacher and student tokenizers must map every id to the same token (their end tokens
     may differ: the rollouts remap them)."""
     if student.vocab_size != teacher.vocab_size:
-        raise ValueError(f"teacher_tokenizer={teacher.path} has {teacher.vocab_size} tokens and tokenizer="
+        raise ConfigError(f"teacher_tokenizer={teacher.path} has {teacher.vocab_size} tokens and tokenizer="
                          f"{student.path} {student.vocab_size}: teacher and student must share one vocabulary")
     for i, (s, t) in enumerate(zip(student.tokens(), teacher.tokens())):
         if s != t:
-            raise ValueError(f"teacher_tokenizer={teacher.path} and tokenizer={student.path} differ at id {i} "
+            raise ConfigError(f"teacher_tokenizer={teacher.path} and tokenizer={student.path} differ at id {i} "
                              f"({t!r} vs {s!r}): teacher and student must share one vocabulary")
 
 
@@ -131,6 +132,6 @@ def check_tokenizer(run, tokenizer: Tokenizer) -> None:
     for what in ("teacher", "student"):
         model = getattr(run, what).model
         if model.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"tokenizer={run.tokenizer} has {tokenizer.vocab_size} tokens but "
+            raise ConfigError(f"tokenizer={run.tokenizer} has {tokenizer.vocab_size} tokens but "
                              f"{what}.model.vocab_size={model.vocab_size}: set {what}.model.vocab_size="
                              f"{tokenizer.vocab_size}")

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import RunError
+from . import ConfigError, RunError
 from .data import PromptStream
 from .evaluation.benchmark import evaluate, load_problems
 from .logs import MetricsWriter, logger, logging_rank
@@ -110,7 +110,7 @@ def load_weights(path: str | None, model, config, what: str) -> Path | None:
     # a NaN / inf weight would surface much later as masked tokens or a crash inside sampling
     bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
     if any_rank(bad is not None):
-        raise ValueError(f"{what}.checkpoint={path}: {folder} holds non-finite values "
+        raise ConfigError(f"{what}.checkpoint={path}: {folder} holds non-finite values "
                          f"(in {bad or 'a parameter held by another rank'})")
     return folder
 
@@ -128,7 +128,7 @@ def trained_student(cfg: RunConfig, weights: str | None = None) -> str:
     checkpoint, else ``student.checkpoint``."""
     found = weights or (cfg.checkpoint.dir if latest_checkpoint(cfg.checkpoint.dir) else cfg.student.checkpoint)
     if found is None:
-        raise ValueError("no weights: the run has no checkpoint and student.checkpoint is null (pass --weights)")
+        raise ConfigError("no weights: the run has no checkpoint and student.checkpoint is null (pass --weights)")
     return found
 
 
@@ -171,7 +171,7 @@ class Trainer:
             saved = TrainerState.from_checkpoint(checkpoint_metadata(resume)["trainer"])
             conflicts = resume_conflicts(saved.config, cfg)
             if conflicts:
-                raise ValueError(f"{resume} was written by a run with other settings; use another checkpoint.dir "
+                raise ConfigError(f"{resume} was written by a run with other settings; use another checkpoint.dir "
                                  "(or delete it) to start afresh:\n  " + "\n  ".join(conflicts))
             self.step = load_checkpoint(resume, self.student.model.module, self.student.optimizer,
                                         self.student.scheduler)["step"]

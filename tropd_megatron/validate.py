@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .planner import kv_cache_bytes, kv_token_bytes, request_lengths
 from .platform import TE_THD_FP32_MIN, Platform
+from . import ConfigError
 
 if TYPE_CHECKING:
     from .run_config import RunConfig
@@ -143,4 +144,4 @@ def validate(cfg: RunConfig, world_size: int, platform: Platform | None = None) 
     """Raise ValueError listing every problem ``problems`` finds."""
     found = problems(cfg, world_size, platform)
     if found:
-        raise ValueError("the configuration cannot run:\n  " + "\n  ".join(found))
+        raise ConfigError("the configuration cannot run:\n  " + "\n  ".join(found))

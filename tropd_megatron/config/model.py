@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
+from .. import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -38,16 +39,16 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
-            raise ValueError(f"ModelConfig.dtype={self.dtype!r}; expected one of {DTYPES}")
+            raise ConfigError(f"ModelConfig.dtype={self.dtype!r}; expected one of {DTYPES}")
         if self.recompute not in RECOMPUTE:
-            raise ValueError(f"ModelConfig.recompute={self.recompute!r}; expected one of {RECOMPUTE}")
+            raise ConfigError(f"ModelConfig.recompute={self.recompute!r}; expected one of {RECOMPUTE}")
         if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig.padded_vocab_size={self.padded_vocab_size} is below vocab_size={self.vocab_size}"
             )
         groups = self.num_query_groups or self.num_attention_heads
         if self.num_attention_heads % groups:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig.num_query_groups={groups} must divide num_attention_heads={self.num_attention_heads}"
             )
 
@@ -77,14 +78,14 @@ class ParallelConfig:
     def check(self, world_size: int, model: ModelConfig) -> None:
         """Refuse layouts that cannot work, naming the sizes."""
         if world_size % (self.tensor * self.pipeline):
-            raise ValueError(f"world size {world_size} is not divisible by tensor x pipeline = {self.tensor * self.pipeline}")
+            raise ConfigError(f"world size {world_size} is not divisible by tensor x pipeline = {self.tensor * self.pipeline}")
         groups = model.num_query_groups or model.num_attention_heads
         for name, value in (("num_attention_heads", model.num_attention_heads), ("num_query_groups", groups),
                             ("padded vocabulary", model.embedding_rows), ("ffn_hidden_size", model.ffn_hidden_size)):
             if value % self.tensor:
-                raise ValueError(f"tensor parallel size {self.tensor} does not divide {name}={value}")
+                raise ConfigError(f"tensor parallel size {self.tensor} does not divide {name}={value}")
         if model.num_layers % self.pipeline:
-            raise ValueError(f"pipeline parallel size {self.pipeline} does not divide num_layers={model.num_layers}")
+            raise ConfigError(f"pipeline parallel size {self.pipeline} does not divide num_layers={model.num_layers}")
 
 
 @dataclass
@@ -101,7 +102,7 @@ class TeacherParallelConfig:
     def __post_init__(self):
         for name in ("tensor", "pipeline"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"teacher.parallel.{name}={getattr(self, name)}; must be >= 1 "
+                raise ConfigError(f"teacher.parallel.{name}={getattr(self, name)}; must be >= 1 "
                                  "(or null: the student's)")
 
     def resolve(self, student: ParallelConfig) -> ParallelConfig:
@@ -135,9 +136,9 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"OptimConfig.optimizer={self.optimizer!r}; expected 'adam' or 'sgd'")
+            raise ConfigError(f"OptimConfig.optimizer={self.optimizer!r}; expected 'adam' or 'sgd'")
         if self.spike_factor and (self.spike_factor <= 1 or self.spike_window < 1):
-            raise ValueError(f"OptimConfig.spike_factor={self.spike_factor} must be > 1 (or 0: off) and "
+            raise ConfigError(f"OptimConfig.spike_factor={self.spike_factor} must be > 1 (or 0: off) and "
                              f"spike_window={self.spike_window} >= 1")
         if self.max_skipped_in_a_row < 0:
-            raise ValueError(f"OptimConfig.max_skipped_in_a_row={self.max_skipped_in_a_row} must be >= 0 (0: never stop)")
+            raise ConfigError(f"OptimConfig.max_skipped_in_a_row={self.max_skipped_in_a_row} must be >= 0 (0: never stop)")

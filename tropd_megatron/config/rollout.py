@@ -3,6 +3,7 @@ teacher-prefix guidance. Defaults live here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from .. import ConfigError
 
 
 @dataclass
@@ -14,11 +15,11 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.temperature <= 0:
-            raise ValueError(f"SamplingConfig.temperature={self.temperature}; must be > 0 (use top_k=1 for greedy)")
+            raise ConfigError(f"SamplingConfig.temperature={self.temperature}; must be > 0 (use top_k=1 for greedy)")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p={self.top_p}; must be in (0, 1]")
+            raise ConfigError(f"SamplingConfig.top_p={self.top_p}; must be in (0, 1]")
         if self.top_k < 0 or self.max_new_tokens < 1:
-            raise ValueError(f"SamplingConfig top_k={self.top_k} / max_new_tokens={self.max_new_tokens} out of range")
+            raise ConfigError(f"SamplingConfig top_k={self.top_k} / max_new_tokens={self.max_new_tokens} out of range")
 
 
 ENGINES = ("dynamic", "static")
@@ -49,15 +50,15 @@ class EngineConfig:
 
     def __post_init__(self):
         if self.name not in ENGINES:
-            raise ValueError(f"rollout.engine.name={self.name!r}; expected one of {ENGINES}")
+            raise ConfigError(f"rollout.engine.name={self.name!r}; expected one of {ENGINES}")
         if self.max_requests < 1 or self.block_size_tokens < 1:
-            raise ValueError(f"rollout.engine.max_requests={self.max_requests} and block_size_tokens="
+            raise ConfigError(f"rollout.engine.max_requests={self.max_requests} and block_size_tokens="
                              f"{self.block_size_tokens} must be >= 1")
         if self.kv_cache_gib <= 0 and not 0 < self.kv_cache_free_fraction < 1:
-            raise ValueError(f"rollout.engine.kv_cache_gib={self.kv_cache_gib} must be > 0 (or set "
+            raise ConfigError(f"rollout.engine.kv_cache_gib={self.kv_cache_gib} must be > 0 (or set "
                              "kv_cache_free_fraction in (0, 1))")
         if not 0 <= self.kv_cache_free_fraction < 1:
-            raise ValueError(f"rollout.engine.kv_cache_free_fraction={self.kv_cache_free_fraction}; must be in [0, 1)")
+            raise ConfigError(f"rollout.engine.kv_cache_free_fraction={self.kv_cache_free_fraction}; must be in [0, 1)")
 
 
 @dataclass
@@ -79,12 +80,12 @@ class RolloutConfig:
     def __post_init__(self):
         for name in ("prefix_share_start", "prefix_share_end"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"RolloutConfig.{name}={getattr(self, name)}; must be in [0, 1]")
+                raise ConfigError(f"RolloutConfig.{name}={getattr(self, name)}; must be in [0, 1]")
         for name in ("prefix_tokens_start", "prefix_tokens_end"):
             if not 0 <= getattr(self, name) < self.sampling.max_new_tokens:
-                raise ValueError(f"RolloutConfig.{name}={getattr(self, name)}; must be in [0, max_new_tokens)")
+                raise ConfigError(f"RolloutConfig.{name}={getattr(self, name)}; must be in [0, max_new_tokens)")
         if min(self.rollouts_per_prompt, self.micro_batch_size) < 1 or self.row_tokens < 0:
-            raise ValueError("RolloutConfig.rollouts_per_prompt and micro_batch_size must be >= 1, row_tokens >= 0")
+            raise ConfigError("RolloutConfig.rollouts_per_prompt and micro_batch_size must be >= 1, row_tokens >= 0")
 
     @property
     def writes_prefixes(self) -> bool:

@@ -21,17 +21,18 @@ from ..data import Prompt, PromptDataConfig, PromptStream, location
 from ..megatron.inference import Generator, SamplingConfig
 from ..seeds import stream_seed
 from .answers import answers_match, extract_answer
+from .. import ConfigError
 
 
 def load_problems(config: PromptDataConfig, tokenize, max_problems: int = 0) -> list[Prompt]:
     """The file's problems in file order (over-length prompts skipped and reported); every
     problem needs a reference answer."""
     if not config.answer_field:
-        raise ValueError(f"{config.path}: evaluation needs answer_field (the reference answer's key)")
+        raise ConfigError(f"{config.path}: evaluation needs answer_field (the reference answer's key)")
     problems = PromptStream(config, tokenize).prompts
     for p in problems:
         if p.answer is None or str(p.answer).strip() == "":
-            raise ValueError(f"{location(config, p.line)}: missing reference answer field {config.answer_field!r}")
+            raise ConfigError(f"{location(config, p.line)}: missing reference answer field {config.answer_field!r}")
     return problems[:max_problems] if max_problems else problems
 
 
@@ -53,7 +54,7 @@ def evaluate(generator: Generator, problems: list[Prompt], decode, *, samples: i
     rank calls it; data-parallel ranks take every dp_size-th problem. ``decode`` maps token ids
     to text. ``results_path``: a JSONL line per problem (prompt, reference, samples, score)."""
     if samples < 1:
-        raise ValueError(f"samples={samples}; avg@n needs n >= 1")
+        raise ConfigError(f"samples={samples}; avg@n needs n >= 1")
     sampling = (SamplingConfig(top_k=1, max_new_tokens=max_new_tokens) if samples == 1
                 else SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens))
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()

@@ -11,17 +11,18 @@ from dataclasses import dataclass
 from typing import ClassVar, Union
 
 from .estimators import TOPK_KL_VARIANTS
+from .. import ConfigError
 
 
 def _choice(obj, name: str, options: tuple) -> None:
     value = getattr(obj, name)
     if value not in options:
-        raise ValueError(f"{type(obj).__name__}.{name}={value!r}; expected one of {options}")
+        raise ConfigError(f"{type(obj).__name__}.{name}={value!r}; expected one of {options}")
 
 
 def _check(obj, name: str, ok: bool, requirement: str) -> None:
     if not ok:
-        raise ValueError(f"{type(obj).__name__}.{name}={getattr(obj, name)!r}; must be {requirement}")
+        raise ConfigError(f"{type(obj).__name__}.{name}={getattr(obj, name)!r}; must be {requirement}")
 
 
 IMPORTANCE = ("ppo", "tis")

@@ -29,6 +29,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from .compat import HAVE_TE
 from .groups import ModelGroups
 from ..run_config import OPTIMIZER_FORMATS
+from .. import ConfigError
 
 LATEST = "latest"
 TRAINER_STATE = "trainer.json"
@@ -154,7 +155,7 @@ def save_checkpoint(root, step: int, model, optimizer=None, scheduler=None, trai
     ``optimizer_format``: see OPTIMIZER_FORMATS; ``keep_last`` / ``keep_every``: see
     ``prune_checkpoints`` (0: keep every checkpoint)."""
     if optimizer_format not in OPTIMIZER_FORMATS:
-        raise ValueError(f"checkpoint.optimizer_format={optimizer_format!r}; expected one of {OPTIMIZER_FORMATS}")
+        raise ConfigError(f"checkpoint.optimizer_format={optimizer_format!r}; expected one of {OPTIMIZER_FORMATS}")
     root = Path(root)
     final = root / f"step_{step:08d}"
     partial = root / f".incomplete_{final.name}"
@@ -269,7 +270,7 @@ def check_safe_to_load(path) -> None:
         try:
             metadata = _MetadataUnpickler(io.BytesIO(file.read_bytes())).load()
         except _Refused as e:
-            raise ValueError(f"{file}: refused to load: {e}") from None
+            raise ConfigError(f"{file}: refused to load: {e}") from None
         except Exception as e:
             raise _unreadable(path, e) from e
         for index, info in getattr(metadata, "storage_data", {}).items():
@@ -289,7 +290,7 @@ def _load_weights_only(source, name: str, folder: Path) -> None:
     try:
         torch.load(source, weights_only=True)
     except pickle.UnpicklingError as e:  # what weights_only refuses: a global outside its allow-list
-        raise ValueError(f"{name}: refused to load: {str(e).splitlines()[0][:300]}") from None
+        raise ConfigError(f"{name}: refused to load: {str(e).splitlines()[0][:300]}") from None
     except Exception as e:
         raise _unreadable(folder, e) from e
 
@@ -308,14 +309,14 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
     check_safe_to_load(path)
     optimizer_format = meta.get("optimizer_format", "dp_reshardable")
     if meta.get("layers", _layer_kind()) != _layer_kind():  # checkpoints from before this record: not checked
-        raise ValueError(
+        raise ConfigError(
             f"{path} was written with {meta['layers']} layers and this run builds {_layer_kind()} ones "
             f"(TransformerEngine {'imports' if HAVE_TE else 'does not import'} here): their parameter names differ "
             "(TE fuses each layer norm into the next linear layer). Export it on the machine that wrote it "
             "(python -m launch.export ...) and load the Hugging Face folder, which reads into either")
     saved, now = meta.get("layout"), _layout(model)
     if optimizer is not None and optimizer_format == "dp_reshardable" and saved and saved != now:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: its optimizer state was saved at tensor {saved['tensor']} x pipeline {saved['pipeline']} "
             f"(checkpoint.optimizer_format=dp_reshardable), which loads at any data-parallel size but at that layout "
             f"only; this run is tensor {now['tensor']} x pipeline {now['pipeline']}. Resume at the saved layout (and "

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..config.model import ModelConfig
 from .groups import ModelGroups
+from .. import ConfigError
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 CONFIG = "config.json"
@@ -46,7 +47,7 @@ def read_hf_config(folder) -> dict:
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file}:{e.lineno}: malformed JSON ({e.msg})") from None
+        raise ConfigError(f"{file}:{e.lineno}: malformed JSON ({e.msg})") from None
 
 
 def hf_family(config: ModelConfig) -> str:
@@ -65,7 +66,7 @@ def _rope(hf: dict, file: Path) -> tuple[float, float | None]:
         return float(theta), None
     if kind == "llama3" and all(float(scaling.get(k, -1)) == v for k, v in LLAMA3_ROPE.items()):
         return float(theta), float(scaling["factor"])
-    raise ValueError(f"{file}: rope scaling {scaling} is not supported (only none, or Llama 3.1's "
+    raise ConfigError(f"{file}: rope scaling {scaling} is not supported (only none, or Llama 3.1's "
                      f"'llama3' type with {LLAMA3_ROPE})")
 
 
@@ -80,10 +81,10 @@ def model_config_from_hf(folder, *, vocab_size: int | None = None, max_sequence_
                            "num_attention_heads") if k not in hf]
     family = hf.get("model_type")
     if family not in FAMILIES:
-        raise ValueError(f"{file}: model_type {family!r} is not supported; supported families: "
+        raise ConfigError(f"{file}: model_type {family!r} is not supported; supported families: "
                          f"{', '.join(FAMILIES)} (Llama 3, Qwen2 / 2.5, Qwen3)")
     if missing:
-        raise ValueError(f"{file}: missing {', '.join(missing)}")
+        raise ConfigError(f"{file}: missing {', '.join(missing)}")
     unsupported = {
         "hidden_act": hf.get("hidden_act", "silu") != "silu",
         "mlp_bias": bool(hf.get("mlp_bias", False)),
@@ -92,12 +93,12 @@ def model_config_from_hf(folder, *, vocab_size: int | None = None, max_sequence_
     }
     bad = [f"{k}={hf.get(k)!r}" for k, v in unsupported.items() if v]
     if bad:
-        raise ValueError(f"{file}: {', '.join(bad)} is not supported for {family}")
+        raise ConfigError(f"{file}: {', '.join(bad)} is not supported for {family}")
     theta, scaling = _rope(hf, file)
     rows = int(hf["vocab_size"])
     vocab = vocab_size or rows
     if vocab > rows:
-        raise ValueError(f"{file}: vocab_size={rows} embedding rows, fewer than the tokenizer's {vocab} tokens")
+        raise ConfigError(f"{file}: vocab_size={rows} embedding rows, fewer than the tokenizer's {vocab} tokens")
     heads = int(hf["num_attention_heads"])
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     torch_dtype = hf.get("dtype", hf.get("torch_dtype"))
@@ -134,7 +135,7 @@ def check_matches(config: ModelConfig, folder, what: str) -> None:
         fix.append(f"{what}.model.kv_channels={found.head_dim}")
     if wrong:
         fix = " ".join(fix)
-        raise ValueError(f"{what}.checkpoint={folder} ({Path(folder) / CONFIG}) does not match the configured "
+        raise ConfigError(f"{what}.checkpoint={folder} ({Path(folder) / CONFIG}) does not match the configured "
                          "model:\n  " + "\n  ".join(wrong) + f"\nto take the checkpoint's shape, add: {fix}")
 
 
@@ -227,7 +228,7 @@ def _mapping(gpt, config: ModelConfig) -> dict:
         else:
             entry = table.get(name)
         if entry is None:
-            raise ValueError(f"no Hugging Face counterpart for Megatron parameter {name!r}")
+            raise ConfigError(f"no Hugging Face counterpart for Megatron parameter {name!r}")
         mapping[name] = entry
     return mapping
 
@@ -265,7 +266,7 @@ class _SafetensorsFolder:
 
     def slice(self, name: str):
         if name not in self.weight_map:
-            raise ValueError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
+            raise ConfigError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
         file = self.weight_map[name]
         if file not in self._open:
             self._open[file] = self._safe_open(self.folder / file, framework="pt")
@@ -320,7 +321,7 @@ def load_hf_weights(gpt, config: ModelConfig, folder, what: str = "model") -> No
         entry = mapping[name]
         shard = _read_shard(reader, entry, config, param.shape, tp, rank)
         if shard.shape != param.shape:
-            raise ValueError(f"{folder}: {'+'.join(entry.hf)} gives a {tuple(shard.shape)} shard for {name} "
+            raise ConfigError(f"{folder}: {'+'.join(entry.hf)} gives a {tuple(shard.shape)} shard for {name} "
                              f"{tuple(param.shape)} at tensor parallel size {tp}")
         param.copy_(shard)
 

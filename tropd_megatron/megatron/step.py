@@ -24,6 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..losses import (ObjectiveConfig, TeacherSignal, distillation_loss, reduce_metrics, supervised_loss,
                       swap_token_logits)
+from .. import ConfigError
 from . import cpu
 from .compat import HAVE_TE
 from ..config.model import ModelConfig, OptimConfig, ParallelConfig
@@ -144,7 +145,7 @@ class SpikeGuard:
 
 def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, total_steps: int) -> Student:
     if optim.warmup_steps and optim.warmup_steps >= total_steps:
-        raise ValueError(f"OptimConfig.warmup_steps={optim.warmup_steps} must be below total_steps={total_steps}")
+        raise ConfigError(f"OptimConfig.warmup_steps={optim.warmup_steps} must be below total_steps={total_steps}")
     gpt = build_gpt(model, parallel)
     config = gpt.config
     distributed = optim.distributed_optimizer and optim.optimizer == "adam"  # CPU and GPU alike
@@ -177,7 +178,7 @@ def build_student(model: ModelConfig, parallel: ParallelConfig, optim: OptimConf
     guard = None
     if optim.spike_factor:
         if model.dtype == "fp16":  # its loss scaler updates on every prepare_grads: the guard would count twice
-            raise ValueError("OptimConfig.spike_factor is not supported with ModelConfig.dtype='fp16' (use bf16)")
+            raise ConfigError("OptimConfig.spike_factor is not supported with ModelConfig.dtype='fp16' (use bf16)")
         guard = SpikeGuard(optim.spike_factor, optim.spike_window)
     return Student(ddp, optimizer, scheduler, guard)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from .. import ConfigError
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 ANSWER = re.compile(r"####\s*(-?\d+)")
@@ -31,7 +32,7 @@ class ArithmeticConfig:
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"ArithmeticConfig steps: need 1 <= min_steps ({self.min_steps}) <= max_steps ({self.max_steps})")
+            raise ConfigError(f"ArithmeticConfig steps: need 1 <= min_steps ({self.min_steps}) <= max_steps ({self.max_steps})")
 
 
 def make_problem(rng: random.Random, config: ArithmeticConfig) -> Problem:
@@ -54,7 +55,7 @@ def make_split(n: int, seed: int, config: ArithmeticConfig = ArithmeticConfig(),
     while len(out) < n:
         attempts += 1
         if attempts > 100 * n + 1000:
-            raise ValueError(f"cannot draw {n} distinct problems with {config}")
+            raise ConfigError(f"cannot draw {n} distinct problems with {config}")
         problem = make_problem(rng, config)
         if problem.question not in seen:
             seen.add(problem.question)
