@@ -4,7 +4,10 @@ import threading
 import time
 
 from tropd_megatron import ConfigError, RunError
-from tropd_megatron.logs import logger
+from tropd_megatron.logs import configure, logger
+
+# before any launcher imports megatron-core, whose modules warn at import
+configure()
 
 BAD_INPUT_EXIT = 2
 RUN_ERROR_EXIT = 1

@@ -81,7 +81,10 @@ class _Prefixed(logging.Formatter):
 
 
 def configure() -> None:
-    """Attach the handler (idempotent): plain messages, ``error:`` / ``warning:`` prefixed."""
+    """What an entry point sets up (idempotent; the launchers call it, a library import does
+    not): the known-harmless warnings quiet, and the package's logger writing above progress
+    bars from the logging rank, plain messages, ``error:`` / ``warning:`` prefixed."""
+    quiet_known_warnings()
     if any(isinstance(h, _AboveProgressBar) for h in logger.handlers):
         return
     handler = _AboveProgressBar()
@@ -91,8 +94,6 @@ def configure() -> None:
     logger.setLevel(logging.INFO)
     logger.propagate = False
 
-
-configure()
 
 METRICS_FILE = "metrics.jsonl"
 

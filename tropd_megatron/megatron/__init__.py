@@ -2,13 +2,9 @@
 
 Importing it needs megatron-core (the ``megatron`` extra); ``tropd_megatron.losses`` does not.
 """
-from ..logs import quiet_known_warnings
-
-quiet_known_warnings()  # before megatron-core's modules load: they warn at import
-
-from ..config.model import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
-from .models import build_gpt, shared_vocabulary_rows, initialize  # noqa: E402
-from .step import MicroBatch, Student, StepResult, build_student, teacher_outputs, train_step  # noqa: E402
+from ..config.model import ModelConfig, OptimConfig, ParallelConfig
+from .models import build_gpt, shared_vocabulary_rows, initialize
+from .step import MicroBatch, Student, StepResult, build_student, teacher_outputs, train_step
 
 __all__ = [
     "MicroBatch", "ModelConfig", "OptimConfig", "ParallelConfig", "StepResult", "Student",
