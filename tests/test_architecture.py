@@ -141,3 +141,18 @@ def test_every_cpu_patch_is_in_place_and_a_renamed_target_fails_loudly():
     assert in_place
     with pytest.raises(RuntimeError, match="renamed .* does not exist in the installed version"):
         patch(types.SimpleNamespace(__name__="mod"), "renamed", 1, "a test")
+
+
+def test_the_objective_names_come_from_one_table():
+    """objective.name accepts exactly losses.DISTILLATION_OBJECTIVES, each selecting a config of
+    its class; the planner reads the selected class's needs, not its name."""
+    from recipes import get_recipe
+    from tropd_megatron.losses import DISTILLATION_OBJECTIVES
+    from tropd_megatron.planner import plan
+    from tropd_megatron.run_config import OBJECTIVES, ObjectiveChoice
+
+    assert OBJECTIVES == tuple(DISTILLATION_OBJECTIVES)
+    for name, cls in DISTILLATION_OBJECTIVES.items():
+        assert type(ObjectiveChoice(name=name).selected()) is cls
+    dense = plan(get_recipe("tiny", ["objective.name=dense_kl"]), 2).items
+    assert any(k.startswith("teacher logits, dense") for k in dense)

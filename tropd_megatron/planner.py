@@ -326,7 +326,7 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
         # fp32 logits shard for the softmax and its gradient
         "student logits (fp32, x2)": rollout.micro_batch_size * sequence * student.embedding_rows // tp * 4 * 2,
     }
-    if config.objective.name == "dense_kl":  # train_step keeps every micro-batch's teacher logits shard
+    if config.objective.selected().teacher_input == "logits":  # train_step keeps every micro-batch's logits shard
         items[f"teacher logits, dense ({teacher.dtype})"] = (
             tokens_per_step * teacher.embedding_rows // tp * DTYPE_BYTES[teacher.dtype])
     else:

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .data import PromptDataConfig
-from .losses import DenseKLConfig, EOPDConfig, OPDConfig, REOPOLDConfig, TrOPDConfig
+from .losses import DISTILLATION_OBJECTIVES, DenseKLConfig, EOPDConfig, OPDConfig, REOPOLDConfig, TrOPDConfig
 from .config.model import ModelConfig, OptimConfig, ParallelConfig, TeacherParallelConfig
 from .config.rollout import RolloutConfig
 from . import ConfigError
@@ -47,7 +47,8 @@ class TeacherSpec(ModelSpec):
 @dataclass
 class ObjectiveChoice:
     """``name`` selects one objective; every objective keeps its own settings here so that an
-    override such as ``objective.tropd.outlier=clip`` is typed and checked."""
+    override such as ``objective.tropd.outlier=clip`` is typed and checked: one field per entry
+    of ``losses.DISTILLATION_OBJECTIVES``, of its class (checked below, at import)."""
 
     name: str = "tropd"
     opd: OPDConfig = field(default_factory=OPDConfig)
@@ -64,7 +65,10 @@ class ObjectiveChoice:
         return getattr(self, self.name)
 
 
-OBJECTIVES = ("opd", "eopd", "reopold", "tropd", "dense_kl")
+OBJECTIVES = tuple(DISTILLATION_OBJECTIVES)
+_fields = {f.name: f.type for f in fields(ObjectiveChoice) if f.name != "name"}
+if _fields != {name: cls.__name__ for name, cls in DISTILLATION_OBJECTIVES.items()}:
+    raise ImportError(f"ObjectiveChoice's fields {_fields} do not follow losses.DISTILLATION_OBJECTIVES")
 
 
 @dataclass

@@ -5,6 +5,7 @@ process group is an argument (None: unsharded). Collectives move O(tokens * k) n
 """
 from .collectives import VocabShard
 from .config import (
+    DISTILLATION_OBJECTIVES,
     DenseKLConfig,
     EOPDConfig,
     ObjectiveConfig,
@@ -29,6 +30,7 @@ from .vocab import (
 )
 
 __all__ = [
+    "DISTILLATION_OBJECTIVES",
     "DenseKLConfig",
     "EOPDConfig",
     "OPDConfig",

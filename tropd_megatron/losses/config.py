@@ -193,3 +193,11 @@ class SFTConfig:
 
 
 ObjectiveConfig = Union[OPDConfig, EOPDConfig, REOPOLDConfig, TrOPDConfig, DenseKLConfig, SFTConfig]
+
+# The distillation objectives a run selects by name (``objective.name``): the one table that the
+# run configuration (one ``ObjectiveChoice`` field each, checked against it), the CLI and the
+# docs follow. What the step and the planner need of an objective, its class says
+# (``teacher_input``, ``uses_rollout_logprobs``, ``uses_prefix_mask``, ``signal_topk``).
+# SFTConfig is not one: no teacher (the built-in task trains its teacher with it).
+DISTILLATION_OBJECTIVES = {"opd": OPDConfig, "eopd": EOPDConfig, "reopold": REOPOLDConfig, "tropd": TrOPDConfig,
+                           "dense_kl": DenseKLConfig}

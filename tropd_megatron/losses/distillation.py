@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import ProcessGroup, VocabShard
-from .config import DenseKLConfig, ObjectiveConfig
+from .config import ObjectiveConfig
 from .estimators import kl_estimators
 from .objectives import OBJECTIVES, TokenView, prefix_beta, sequence_token_keys
 from .teacher import TeacherSignal
@@ -155,7 +155,7 @@ def distillation_loss(
     logprob = logprobs[..., 0]
     log_ratio = (signal.token_logprobs - logprob).detach()
 
-    if isinstance(config, DenseKLConfig):
+    if config.teacher_input == "logits":  # DenseKLConfig: full-vocabulary terms on the teacher's logits
         teacher_logits = torch.where(signal.valid[..., None], dense_logits, 0.0)
         kl = dense_forward_kl if config.direction == "forward" else dense_reverse_kl
         per_token = kl(student_logits, teacher_logits, tp_group=tp_group, vocab_size=vocab_size)
