@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 export OMP_NUM_THREADS := 1
 
-.PHONY: test lint test-gpu gpu-check test-mcore019 demo compare bench install clean
+.PHONY: test test-fast lint test-gpu gpu-check test-mcore019 demo compare bench install clean
 
 # constraints.txt pins every other package to the versions the README's figures were measured
 # with (pip freeze of the measuring venv); regenerate it when upgrading on purpose.
@@ -27,6 +27,10 @@ PARITY_TESTS := tests/test_distributed_optimizer.py tests/test_megatron_step.py 
 test: install
 	$(PY) -m pytest -q tests
 	$(PINNED_ISA) $(PY) -m pytest -q $(PARITY_TESTS)
+
+# The pure-torch loss and configuration tests alone (markers from tests/conftest.py's LAYERS).
+test-fast: install
+	$(PY) -m pytest -q -m "losses or config" tests
 
 # pyflakes' and pycodestyle's error classes over the whole tree (ruff.toml; ruff pinned in constraints.txt).
 lint: install
@@ -62,9 +66,7 @@ $(VENV019)/.installed: setup.py
 	touch $@
 
 test-mcore019: $(VENV019)/.installed
-	$(VENV019)/bin/python -m pytest -q tests/test_megatron_step.py tests/test_generation.py tests/test_rollout.py \
-		tests/test_evaluation.py tests/test_hf_checkpoint.py tests/test_tokenizer.py tests/test_packing.py \
-		tests/test_distributed_optimizer.py
+	$(VENV019)/bin/python -m pytest -q -m megatron tests
 
 # On a machine with a GPU: its own Python with CUDA torch and this project's `megatron` and `dev`
 # extras (pip install -e ".[megatron,dev]"; add TransformerEngine and flash-attn for their tests).

@@ -36,7 +36,7 @@ def worker(args) -> None:
     from tropd_megatron.megatron import ModelConfig, OptimConfig, ParallelConfig, build_gpt, build_student, initialize
     from tropd_megatron.megatron.groups import ModelGroups
     from tropd_megatron.megatron.inference import EngineConfig, Generator, SamplingConfig
-    from tropd_megatron.megatron.iteration import run_iteration
+    from tropd_megatron.megatron.iteration import IterationSettings, run_iteration
     from tropd_megatron.megatron.rollout import RolloutConfig
     from tropd_megatron.megatron.teacher_layout import LayoutGenerator, LayoutTeacher, TeacherLayout, teacher_groups
 
@@ -67,11 +67,11 @@ def worker(args) -> None:
     rollout = RolloutConfig(SamplingConfig(max_new_tokens=args.max_new_tokens), engine=engine, rollouts_per_prompt=4,
                             micro_batch_size=4, prefix_share_start=0.25, prefix_share_end=0.25,
                             prefix_tokens_start=args.prefix_tokens, prefix_tokens_end=args.prefix_tokens)
+    settings = IterationSettings(rollout, TrOPDConfig(topk=16), args.prompts, vocab, total_steps=100)
     seconds, speeds = [], []
     for step in range(args.repeats + 1):
         dist.barrier()
-        result = run_iteration(student, teacher, student_gen, teacher_gen, prompts, rollout, TrOPDConfig(topk=16),
-                               prompts_per_step=args.prompts, vocab_size=vocab, step=step, total_steps=100)
+        result = run_iteration(student, teacher, student_gen, teacher_gen, prompts, settings, step)
         times = torch.tensor([result.seconds[p] for p in PHASES], dtype=torch.float64)
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
         tokens = torch.tensor([result.metrics["response_tokens"] if ModelGroups.megatron().tp_rank == 0 else 0],

@@ -30,9 +30,9 @@ import torch.distributed as dist
 
 from launch import run_main
 from launch.demo import TASK_HELP, tiny_configs
-from tropd_megatron.evaluation.benchmark import evaluate, load_problems
+from tropd_megatron.evaluation.avg_at_n import evaluate, load_problems
 from tropd_megatron.megatron import initialize
-from tropd_megatron.tasks.tiny import prepare
+from tropd_megatron.tasks.tiny_task import prepare
 from tropd_megatron.logs import logger, logging_rank, read_metrics
 from tropd_megatron.train import Trainer
 
@@ -245,14 +245,14 @@ def before_training(root: str, base) -> dict:
     from tropd_megatron.megatron import build_gpt
     from tropd_megatron.megatron.inference import Generator
     from tropd_megatron.tokenizer import load_tokenizer, prompt_encoder
-    from tropd_megatron.train import load_weights, run_models
+    from tropd_megatron.train import load_weights, run_model_configs
 
     tokenizer = load_tokenizer(base.tokenizer)
     test = load_problems(replace(base.data, path=f"{root}/held_out.jsonl"),
                          prompt_encoder(tokenizer, base.data.chat_template))
     budget = base.eval_max_new_tokens()
     scores = {}
-    for what, model_config in zip(("student_before_test", "teacher_test"), run_models(base)):
+    for what, model_config in zip(("student_before_test", "teacher_test"), run_model_configs(base)):
         spec = base.student if what.startswith("student") else base.teacher
         model = build_gpt(model_config, base.parallel, frozen=True)
         load_weights(spec.checkpoint, model, model_config, what.split("_")[0])

@@ -22,10 +22,10 @@ from omegaconf.errors import OmegaConfBaseException
 from launch import run_main
 from recipes.tiny import tiny
 from tropd_megatron.run_config import apply_overrides, leaf_keys
-from tropd_megatron.evaluation.benchmark import evaluate
+from tropd_megatron.evaluation.avg_at_n import evaluate
 from tropd_megatron.megatron import initialize
 from tropd_megatron.megatron.inference import Generator
-from tropd_megatron.tasks.tiny import TinyTaskConfig, prepare
+from tropd_megatron.tasks.tiny_task import TinyTaskConfig, prepare
 from tropd_megatron.logs import logging_rank, read_metrics
 from tropd_megatron.train import Trainer
 from tropd_megatron import ConfigError

@@ -32,18 +32,18 @@ def main(argv=None) -> None:
     parser.add_argument("--results", help="results JSONL (default: none)")
     args, cfg = parse_recipe_args(parser, argv)
 
-    from tropd_megatron.evaluation.benchmark import evaluate, load_problems
+    from tropd_megatron.evaluation.avg_at_n import evaluate, load_problems
     from tropd_megatron.megatron import build_gpt, initialize
     from tropd_megatron.validate import validate
     from tropd_megatron.megatron.inference import Generator
     from tropd_megatron.platform import Platform
     from tropd_megatron.tokenizer import load_tokenizer, prompt_encoder
-    from tropd_megatron.train import load_weights, run_models, trained_student
+    from tropd_megatron.train import load_weights, run_model_configs, trained_student
 
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)), Platform.detect())
     initialize(cfg.parallel, seed=cfg.schedule.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    student_model, _ = run_models(cfg)
+    student_model, _ = run_model_configs(cfg)
     weights = trained_student(cfg, args.weights)  # before the model: a run without weights stops here
     model = build_gpt(student_model, cfg.parallel, frozen=True)
     path = load_weights(weights, model, student_model, "student")

@@ -31,11 +31,11 @@ def main(argv=None) -> None:
     from tropd_megatron.megatron import build_gpt, initialize
     from tropd_megatron.validate import validate
     from tropd_megatron.megatron.hf_checkpoint import export_hf, is_hf_folder
-    from tropd_megatron.train import load_weights, run_models, trained_student
+    from tropd_megatron.train import load_weights, run_model_configs, trained_student
 
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     initialize(cfg.parallel, seed=cfg.schedule.seed)
-    student_model, _ = run_models(cfg)
+    student_model, _ = run_model_configs(cfg)
     weights = trained_student(cfg, args.weights)  # before the model: a run without weights stops here
     model = build_gpt(student_model, cfg.parallel, frozen=True)
     path = load_weights(weights, model, student_model, "student")

@@ -117,7 +117,7 @@ def steps(folder: str) -> list[Step]:
             "teacher.checkpoint=null", "student.checkpoint=null", f"checkpoint.dir={folder}/run",
             "logging.tensorboard_dir=null", "parallel.tensor=1", "schedule.steps=2", "schedule.prompts_per_step=8",
             "student.model.dtype=bf16", "teacher.model.dtype=bf16", "rollout.engine.kv_cache_gib=1"]
-    prepare = ("from recipes.tiny import TEMPLATE; from tropd_megatron.tasks.tiny import TinyTaskConfig, "
+    prepare = ("from recipes.tiny import TEMPLATE; from tropd_megatron.tasks.tiny_task import TinyTaskConfig, "
                f"training_split, write_task_files; c = TinyTaskConfig(); write_task_files({task!r}, c, TEMPLATE, "
                "training_split(c))")
     return [

@@ -8,7 +8,7 @@ being released between the two; TP 1 x DP 32 109.5 GiB, over its 74.5): generati
 step, then all-reduces across 2 GPUs per layer and token instead of 8, and four times as many
 data-parallel ranks decode at once. The teacher scores every student rank's rollouts through
 collectives of its compact signal (``teacher.parallel``; docs/training.md). The distributed
-optimizer shards the student's fp32 state over data parallelism. The paper's schedule (``templates.paper_schedule``).
+optimizer shards the student's fp32 state over data parallelism. The paper's schedule (``templates.paper_run_config``).
 Both models load straight from their Hugging Face folders
 (``huggingface-cli download meta-llama/Llama-3.3-70B-Instruct --local-dir ROOT/...``); prompts
 get the tokenizer's chat template. Paths are placeholders for the cluster's files (override
@@ -20,11 +20,11 @@ from dataclasses import replace
 from tropd_megatron.run_config import RunConfig
 
 from .models import llama3_8b, llama3_70b
-from .templates import paper_schedule
+from .templates import paper_run_config
 
 
 def llama3_70b_to_8b(root: str = "/checkpoints/tropd") -> RunConfig:
-    return paper_schedule(
+    return paper_run_config(
         name="llama3_70b_to_8b", root=root, prompts="prompts.jsonl", tensor=2, teacher_tensor=8, max_new_tokens=7168,
         teacher=llama3_70b(), teacher_folder="Llama-3.3-70B-Instruct",
         student=replace(llama3_8b(), recompute="selective"), student_folder="Llama-3.1-8B-Instruct",

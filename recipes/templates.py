@@ -1,6 +1,6 @@
 """What the GPU recipes share: the TrOPD paper's schedule on Hugging Face checkpoints.
 
-A recipe calls ``paper_schedule`` with what differs (models, folders, layout, budgets) and
+A recipe calls ``paper_run_config`` with what differs (models, folders, layout, budgets) and
 gets the rest: 200 steps of 128 prompts x 4 rollouts, lr 5e-6 with 10 warmup steps, the
 tokenizer's chat template, teacher-prefix guidance on half the rollouts at first (256 tokens,
 decaying linearly to none), the dynamic engine with every rollout of a rank in flight, packed
@@ -17,7 +17,7 @@ from tropd_megatron.run_config import (CheckpointConfig, EvalConfig, LoggingConf
                                        RunConfig, ScheduleConfig, TeacherSpec)
 
 
-def paper_schedule(*, name: str, root: str, teacher: ModelConfig, teacher_folder: str, student: ModelConfig,
+def paper_run_config(*, name: str, root: str, teacher: ModelConfig, teacher_folder: str, student: ModelConfig,
                    student_folder: str, prompts: str, tensor: int, teacher_tensor: int | None, max_new_tokens: int,
                    kv_cache_gib: float, gpu: str = "H100-80GB") -> RunConfig:
     """The run ``name`` with its files under ``root`` (the student's folder holds its

@@ -8,7 +8,7 @@ import pytest
 
 from hf_models import hf_tokenizer
 from tropd_megatron.data import PromptDataConfig, PromptStream
-from tropd_megatron.evaluation.benchmark import load_problems
+from tropd_megatron.evaluation.avg_at_n import load_problems
 from tropd_megatron.tokenizer import load_tokenizer, prompt_encoder
 
 pytest.importorskip("transformers")

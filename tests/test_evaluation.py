@@ -10,7 +10,7 @@ from distributed import run_workers
 pytest.importorskip("megatron.core")
 
 from tropd_megatron.data import PromptDataConfig  # noqa: E402
-from tropd_megatron.evaluation.benchmark import evaluate, load_problems  # noqa: E402
+from tropd_megatron.evaluation.avg_at_n import evaluate, load_problems  # noqa: E402
 from tropd_megatron.megatron import ModelConfig, ParallelConfig, build_gpt, initialize  # noqa: E402
 from tropd_megatron.megatron.inference import EngineConfig, Generator  # noqa: E402
 

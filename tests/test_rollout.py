@@ -14,7 +14,7 @@ pytest.importorskip("megatron.core")
 from tropd_megatron.losses import TrOPDConfig  # noqa: E402
 from tropd_megatron.megatron import ModelConfig, OptimConfig, ParallelConfig, build_gpt, build_student, initialize  # noqa: E402
 from tropd_megatron.megatron.inference import EngineConfig, Generation, Generator, SamplingConfig  # noqa: E402
-from tropd_megatron.megatron.iteration import run_iteration  # noqa: E402
+from tropd_megatron.megatron.iteration import IterationSettings, run_iteration  # noqa: E402
 from tropd_megatron.megatron.rollout import Rollout, RolloutConfig, collect_rollouts, to_microbatches  # noqa: E402
 
 EOS = 0
@@ -63,11 +63,12 @@ def test_bad_prompt_files_name_file_and_line(tmp_path, lines, match):
         PromptStream(PromptDataConfig(path, max_prompt_tokens=10), tokenize)
 
 
-def test_over_length_prompts_are_reported_and_skipped(tmp_path, capsys):
+def test_over_length_prompts_are_reported_and_skipped(tmp_path, caplog):
     path = write_jsonl(tmp_path / "p.jsonl", ['{"prompt": "short"}', '{"prompt": "much much longer"}'])
-    stream = PromptStream(PromptDataConfig(path, max_prompt_tokens=8), tokenize)
+    with caplog.at_level("WARNING", logger="tropd_megatron"):
+        stream = PromptStream(PromptDataConfig(path, max_prompt_tokens=8), tokenize)
     assert [p.text for p in stream.prompts] == ["short"] and stream.skipped_too_long == 1
-    assert "skipped 1 prompts longer than max_prompt_tokens=8 (lines [2])" in capsys.readouterr().err
+    assert "skipped 1 prompts longer than max_prompt_tokens=8 (lines [2])" in caplog.text
 
 
 def test_microbatch_segments_and_masks():
@@ -159,8 +160,8 @@ def _iteration_worker(rank, world, path, tp, pp, sp):
     teacher_before = [p.detach().clone() for p in teacher.parameters()]
     sampled = RolloutConfig(SamplingConfig(max_new_tokens=8), rollouts_per_prompt=2, micro_batch_size=2,
                             prefix_share_start=0.5, prefix_share_end=0.0, prefix_tokens_start=3, prefix_tokens_end=1)
-    results = [run_iteration(student, teacher, student_gen, teacher_gen, prompts, sampled, TrOPDConfig(topk=8),
-                             prompts_per_step=2, vocab_size=60, step=s, total_steps=2) for s in range(2)]
+    settings = IterationSettings(sampled, TrOPDConfig(topk=8), prompts_per_step=2, vocab_size=60, total_steps=2)
+    results = [run_iteration(student, teacher, student_gen, teacher_gen, prompts, settings, s) for s in range(2)]
     return dict(
         prefixed=sum(bool(r.prefix) for r in rollouts), checks=checks, ends=ends,
         metrics=[r.metrics for r in results], seconds=[r.seconds for r in results],

@@ -77,7 +77,7 @@ def test_the_tiny_task_has_three_disjoint_splits(tmp_path):
     import json
     from dataclasses import replace
 
-    from tropd_megatron.tasks.tiny import TinyTaskConfig, training_split, write_task_files
+    from tropd_megatron.tasks.tiny_task import TinyTaskConfig, training_split, write_task_files
 
     cfg = replace(TinyTaskConfig(), train_problems=300, eval_problems=50, validation_problems=40)
     write_task_files(str(tmp_path), cfg, "Q: {prompt} A:", training_split(cfg))

@@ -3,7 +3,7 @@ tokenizer under a folder, with random-weight models (no SFT: tests check plumbin
 from dataclasses import replace
 
 from recipes.tiny import TEMPLATE
-from tropd_megatron.tasks.tiny import TinyTaskConfig, training_split, write_task_files
+from tropd_megatron.tasks.tiny_task import TinyTaskConfig, training_split, write_task_files
 
 SMALL = replace(TinyTaskConfig(), train_problems=300, eval_problems=8, validation_problems=8)
 

@@ -136,7 +136,7 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     """Held-out evaluation during training: avg@n accuracy on a JSONL of problems with
-    reference answers (``evaluation.benchmark``). ``path`` None: no evaluation."""
+    reference answers (``evaluation.avg_at_n``). ``path`` None: no evaluation."""
 
     path: Optional[str] = None
     every: int = 0  # steps; 0: before training and after the last step only

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import ConfigError, RunError
 from .data import PromptStream
-from .evaluation.benchmark import evaluate, load_problems
+from .evaluation.avg_at_n import evaluate, load_problems
 from .logs import MetricsWriter, logger, logging_rank
 from .megatron import build_gpt, build_student, initialize, shared_vocabulary_rows
 from .megatron.groups import ModelGroups
@@ -34,7 +34,7 @@ from .megatron.checkpoint import (checkpoint_metadata, latest_checkpoint, load_c
                                   start_optimizer_state)
 from .megatron.hf_checkpoint import is_hf_folder, load_hf_weights
 from .megatron.inference import Generator, size_kv_caches
-from .megatron.iteration import run_iteration
+from .megatron.iteration import IterationSettings, run_iteration
 from .megatron.step import any_rank
 from .planner import request_lengths
 from .platform import Platform
@@ -132,7 +132,7 @@ def trained_student(cfg: RunConfig, weights: str | None = None) -> str:
     return found
 
 
-def run_models(cfg: RunConfig):
+def run_model_configs(cfg: RunConfig):
     """(student, teacher) ModelConfigs as built: one embedding row count (shared_vocabulary_rows)
     that both models' TP sizes divide."""
     student, teacher = shared_vocabulary_rows(cfg.student.model, cfg.teacher.model,
@@ -157,7 +157,7 @@ class Trainer:
         if cfg.teacher_tokenizer:
             teacher_tokenizer = load_tokenizer(cfg.teacher_tokenizer)
             check_same_vocabulary(self.tokenizer, teacher_tokenizer)
-        student_model, teacher_model = run_models(cfg)
+        student_model, teacher_model = run_model_configs(cfg)
         # the teacher on the student's groups, or on its own layout (teacher.parallel)
         own_groups = teacher_groups(cfg.parallel, cfg.teacher_parallel)
         teacher_gpt = build_gpt(teacher_model, cfg.teacher_parallel, frozen=True, groups=own_groups)
@@ -204,6 +204,8 @@ class Trainer:
             logger.info(f"teacher at its own layout: tensor {t.tensor} x pipeline {t.pipeline} x data "
                         f"{layout.teacher_dp}; student: tensor {cfg.parallel.tensor} x pipeline "
                         f"{cfg.parallel.pipeline} x data {layout.student_dp}")
+        self.iteration = IterationSettings(cfg.rollout, cfg.objective.selected(), cfg.schedule.prompts_per_step,
+                                           self.tokenizer.vocab_size, cfg.schedule.steps, cfg.schedule.seed)
         self.eval_problems = None
         if cfg.eval.path:
             self.eval_problems = load_problems(replace(cfg.data, path=cfg.eval.path), encode, cfg.eval.max_problems)
@@ -276,11 +278,8 @@ class Trainer:
             if self.eval_problems and self.step == 0:
                 self.evaluate()
             while self.step < cfg.schedule.steps:
-                result = run_iteration(
-                    self.student, self.teacher, self.student_generator, self.teacher_generator, self.prompts,
-                    cfg.rollout, cfg.objective.selected(), prompts_per_step=cfg.schedule.prompts_per_step,
-                    vocab_size=self.tokenizer.vocab_size, step=self.step, total_steps=cfg.schedule.steps,
-                    seed=cfg.schedule.seed)
+                result = run_iteration(self.student, self.teacher, self.student_generator, self.teacher_generator,
+                                       self.prompts, self.iteration, self.step)
                 self.step += 1
                 if result.step.skipped:
                     self.state.skipped_steps.append(self.step)

@@ -15,6 +15,19 @@ from .rollout import RolloutConfig, collect_rollouts, to_microbatches
 from .step import StepResult, Student, train_step
 
 
+@dataclass(frozen=True)
+class IterationSettings:
+    """What every iteration of a run reads and none changes, built once by the trainer:
+    the rollout settings, the objective, ``prompts_per_step`` (global), the tokenizer's
+    ``vocab_size``, ``total_steps`` (schedules over training) and the run's ``seed``."""
+    rollout: RolloutConfig
+    objective: ObjectiveConfig
+    prompts_per_step: int
+    vocab_size: int
+    total_steps: int
+    seed: int = 0
+
+
 @dataclass
 class IterationResult:
     step: StepResult
@@ -23,10 +36,11 @@ class IterationResult:
 
 
 def run_iteration(student: Student, teacher, student_generator: Generator, teacher_generator: Generator,
-                  prompts: PromptStream, rollout: RolloutConfig, objective: ObjectiveConfig, *, prompts_per_step: int,
-                  vocab_size: int, step: int, total_steps: int, seed: int = 0) -> IterationResult:
-    """Each data-parallel rank rolls out its share of ``prompts_per_step`` prompts (every rank
-    draws the same batch from the stream, so the stream's position stays in step)."""
+                  prompts: PromptStream, settings: IterationSettings, step: int) -> IterationResult:
+    """Each data-parallel rank rolls out its share of ``settings.prompts_per_step`` prompts
+    (every rank draws the same batch from the stream, so the stream's position stays in step)."""
+    rollout, objective, prompts_per_step = settings.rollout, settings.objective, settings.prompts_per_step
+    total_steps, seed = settings.total_steps, settings.seed
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     if prompts_per_step % dp_size:
@@ -46,12 +60,9 @@ def run_iteration(student: Student, teacher, student_generator: Generator, teach
         row_tokens=rollout.packed_row_tokens(prompts.config.max_prompt_tokens),
         same_shape=parallel_state.get_pipeline_model_parallel_world_size() > 1,
         multiple_of=parallel_state.get_tensor_model_parallel_world_size() if student.model.config.sequence_parallel
-        else 1)
-    if not objective.uses_rollout_logprobs:
-        for mb in microbatches:
-            mb.rollout_logprobs = None
+        else 1, rollout_logprobs=objective.uses_rollout_logprobs)
     ends = (student_generator.eos_id, teacher_generator.eos_id)
-    result = train_step(student, teacher, microbatches, objective, vocab_size=vocab_size, step=step,
+    result = train_step(student, teacher, microbatches, objective, vocab_size=settings.vocab_size, step=step,
                         total_steps=total_steps, dense=objective.teacher_input == "logits",
                         end_tokens=ends if ends[0] != ends[1] else None)
     generated = sum(len(r.prefix) + len(r.continuation) for r in rollouts)

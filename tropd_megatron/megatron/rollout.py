@@ -76,10 +76,13 @@ def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def to_microbatches(rollouts: list[Rollout], micro_batch_size: int, pad_id: int, *, pack: bool = False,
-                    row_tokens: int | None = None, same_shape: bool = True, multiple_of: int = 1) -> list[MicroBatch]:
+                    row_tokens: int | None = None, same_shape: bool = True, multiple_of: int = 1,
+                    rollout_logprobs: bool = True) -> list[MicroBatch]:
     """Micro-batches of ``micro_batch_size`` rows: tokens = sequence[:-1], labels =
     sequence[1:]; loss_mask marks labels that are response tokens (the end token included),
-    prefix_mask the teacher's, rollout_logprobs the student's log-probs at its own tokens,
+    prefix_mask the teacher's (None when no rollout has a prefix), rollout_logprobs the
+    student's log-probs at its own tokens (None with ``rollout_logprobs`` False: an objective
+    without importance ratios),
     trust_keys each rollout's stochastic-trust keys (computed on the rollout alone, so both
     layouts draw the same mask).
 
@@ -106,14 +109,12 @@ def to_microbatches(rollouts: list[Rollout], micro_batch_size: int, pad_id: int,
         group = rows[start : start + micro_batch_size]
         S = fixed or max(sum(lengths[i] for i in row) for row in group)
         S = -(-S // multiple_of) * multiple_of
-        out.append(_microbatch([[(rollouts[i], seqs[i]) for i in row] for row in group], S, pad_id, pack))
-    if not any(r.prefix for r in rollouts):  # no prefix_mask at all when no rollout has one
-        for mb in out:
-            mb.prefix_mask = None
+        out.append(_microbatch([[(rollouts[i], seqs[i]) for i in row] for row in group], S, pad_id, pack,
+                               prefixes=any(r.prefix for r in rollouts), logprobs=rollout_logprobs))
     return out
 
 
-def _microbatch(rows: list, S: int, pad_id: int, packed: bool) -> MicroBatch:
+def _microbatch(rows: list, S: int, pad_id: int, packed: bool, *, prefixes: bool, logprobs: bool) -> MicroBatch:
     """One micro-batch of rows, each a list of (rollout, sequence) placed one after another."""
     n = len(rows)
     tokens = torch.full((n, S), pad_id, dtype=torch.long)
@@ -139,5 +140,6 @@ def _microbatch(rows: list, S: int, pad_id: int, packed: bool) -> MicroBatch:
             trust_keys[row, span] = sequence_token_keys(seq[1:][None], mask[None])[0]
             segments[row, span] = segment
             at += len(seq) - 1
-    return MicroBatch(tokens, labels, loss_mask, prefix_mask, rollout_logprobs,
-                      segments=segments if packed else None, trust_keys=trust_keys)
+    return MicroBatch(tokens, labels, loss_mask, prefix_mask if prefixes else None,
+                      rollout_logprobs if logprobs else None, segments=segments if packed else None,
+                      trust_keys=trust_keys)
