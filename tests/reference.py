@@ -90,7 +90,7 @@ def objective(config, student, teacher, y, mask, *, vocab, prefix=None, rollout=
         if config.trust == "deterministic":
             m = (r >= config.trust_threshold).double()
         else:
-            u = token_uniforms(config.seed, step, sequence_token_keys(y, mask if keys_mask is None else keys_mask)).double()
+            u = token_uniforms(config.trust_seed, step, sequence_token_keys(y, mask if keys_mask is None else keys_mask)).double()
             m = (u < torch.clamp(torch.exp(r), max=1.0)).double()
         per = m * pg(lp_y, r, ro, config)
         if config.outlier == "clip":

@@ -156,3 +156,13 @@ def test_the_installed_launchers_run_from_any_directory(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fits:" in out.stdout
+
+
+def test_one_run_seed_sets_every_stream_unless_overridden():
+    """schedule.seed is the run's seed: the data order and the trust mask follow it, and an
+    explicit data.seed / objective.tropd.seed overrides it for that stream only."""
+    seeded = get_recipe("tiny", ["schedule.seed=5"]).seeded()
+    assert (seeded.data.seed, seeded.objective.tropd.seed) == (5, 5)
+    own = get_recipe("tiny", ["schedule.seed=5", "data.seed=2"]).seeded()
+    assert (own.data.seed, own.objective.tropd.seed, own.schedule.seed) == (2, 5, 5)
+    assert get_recipe("tiny").seeded().data.seed == 0  # the default run: every seed 0, as before

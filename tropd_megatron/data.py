@@ -30,7 +30,7 @@ class PromptDataConfig:
     # a str.format template with {prompt}, or "tokenizer": the Hugging Face tokenizer's chat template
     chat_template: str = "{prompt}"
     max_prompt_tokens: int = 512
-    seed: int = 0
+    seed: Optional[int] = None  # the per-epoch shuffle; None: the run's schedule.seed (0 outside a run)
     split: str = "train"  # the split of a datasets folder holding several (a DatasetDict)
 
 
@@ -168,7 +168,8 @@ class PromptStream:
 
     def _permutation(self, epoch: int) -> list:
         order = list(range(len(self.prompts)))
-        random.Random(stream_seed(self.config.seed, "prompt_order", epoch=epoch)).shuffle(order)
+        seed = 0 if self.config.seed is None else self.config.seed
+        random.Random(stream_seed(seed, "prompt_order", epoch=epoch)).shuffle(order)
         return order
 
     def next_batch(self, n: int) -> list[Prompt]:

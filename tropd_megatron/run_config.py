@@ -8,7 +8,7 @@ OmegaConf onto the typed structure, so a wrong key or type is refused before any
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Optional
 
 from omegaconf import OmegaConf
@@ -190,6 +190,17 @@ class RunConfig:
     def eval_max_new_tokens(self) -> int:
         """The evaluation budget: ``eval.max_new_tokens``, else the rollouts'."""
         return self.eval.max_new_tokens or self.rollout.sampling.max_new_tokens
+
+    def seeded(self) -> "RunConfig":
+        """This configuration with every seed left null set to the run's ``schedule.seed``: one
+        run seed, from which each stream derives its own (``seeds.stream_seed``: data order,
+        rollouts, the trust mask, evaluation); ``data.seed`` and ``objective.tropd.seed`` set
+        explicitly override it for their stream. The trainer runs on this."""
+        seed = self.schedule.seed
+        data = self.data if self.data.seed is not None else replace(self.data, seed=seed)
+        tropd = self.objective.tropd
+        objective = self.objective if tropd.seed is not None else replace(self.objective, tropd=replace(tropd, seed=seed))
+        return replace(self, data=data, objective=objective)
 
 
 def leaf_keys(config, prefix: str = "") -> list[str]:

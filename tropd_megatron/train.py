@@ -148,7 +148,7 @@ class Trainer:
     """Everything a run holds; ``run()`` trains to ``schedule.steps``."""
 
     def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+        self.cfg = cfg = cfg.seeded()
         initialize(cfg.parallel, seed=cfg.schedule.seed)
         validate(cfg, dist.get_world_size(), Platform.detect())  # before any file is read or model built
         self.tokenizer = load_tokenizer(cfg.tokenizer)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import ClassVar, Optional, Union
 
 from .estimators import TOPK_KL_VARIANTS
 from .. import ConfigError
@@ -140,7 +140,7 @@ class TrOPDConfig(OPDConfig):
     topk: int = 64
     topk_kl: str = "plain"
     prefix_beta: float = 1e-3
-    seed: int = 0
+    seed: Optional[int] = None  # the trust mask's draws; None: the run's schedule.seed (0 outside a run)
 
     def __post_init__(self):
         super().__post_init__()
@@ -150,6 +150,11 @@ class TrOPDConfig(OPDConfig):
         _check(self, "topk", self.topk >= 1, ">= 1")
         _check(self, "outlier_clip", self.outlier_clip <= 0, "<= 0 (a floor on the log-ratio reward)")
         _check(self, "prefix_beta", self.prefix_beta >= 0, ">= 0")
+
+    @property
+    def trust_seed(self) -> int:
+        """The trust mask's seed: ``seed``, 0 when it is null (a run sets it to schedule.seed)."""
+        return 0 if self.seed is None else self.seed
 
     @property
     def signal_topk(self) -> int:

@@ -120,7 +120,7 @@ def trust_mask(config: TrOPDConfig, tokens: TokenView, step: int) -> torch.Tenso
     if config.trust == "deterministic":
         return (tokens.log_ratio >= config.trust_threshold).float()
     accept = tokens.log_ratio.clamp_max(0.0).exp()
-    return (token_uniforms(config.seed, step, tokens.trust_keys) < accept).float()
+    return (token_uniforms(config.trust_seed, step, tokens.trust_keys) < accept).float()
 
 
 def tropd(config: TrOPDConfig, tokens: TokenView, step: int):
