@@ -166,3 +166,12 @@ def test_one_run_seed_sets_every_stream_unless_overridden():
     own = get_recipe("tiny", ["schedule.seed=5", "data.seed=2"]).seeded()
     assert (own.data.seed, own.objective.tropd.seed, own.schedule.seed) == (2, 5, 5)
     assert get_recipe("tiny").seeded().data.seed == 0  # the default run: every seed 0, as before
+
+
+def test_the_checkpointer_and_the_evaluator_own_their_cadence():
+    from tropd_megatron.run_config import CheckpointConfig, EvalConfig
+
+    assert [s for s in range(1, 11) if CheckpointConfig(save_every=4).due(s, 10)] == [4, 8, 10]
+    assert [s for s in range(0, 11) if EvalConfig(path="x", every=3).due(s, 10)] == [0, 3, 6, 9, 10]
+    assert [s for s in range(0, 11) if EvalConfig(path="x").due(s, 10)] == [0, 10]
+    assert not any(EvalConfig().due(s, 10) for s in range(11))  # no problems file: never

@@ -96,6 +96,11 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_every: int = 0
 
+    def due(self, step: int, steps: int) -> bool:
+        """Whether a checkpoint is written after ``step`` of ``steps`` (a preempted run writes one
+        whatever this says)."""
+        return step == steps or step % self.save_every == 0
+
     def __post_init__(self):
         if self.save_every < 1 or self.keep_last < 0 or self.keep_every < 0:
             raise ConfigError(f"checkpoint.save_every={self.save_every} must be >= 1, keep_last={self.keep_last} and "
@@ -144,6 +149,10 @@ class EvalConfig:
     temperature: float = 1.0  # with samples > 1; one sample is greedy
     max_problems: int = 0  # 0: all
     max_new_tokens: Optional[int] = None  # None: the rollouts' budget (rollout.sampling.max_new_tokens)
+
+    def due(self, step: int, steps: int) -> bool:
+        """Whether the evaluation runs after ``step`` of ``steps`` (step 0: before training)."""
+        return self.path is not None and (step in (0, steps) or bool(self.every and step % self.every == 0))
 
 
 @dataclass

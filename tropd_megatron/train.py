@@ -275,7 +275,7 @@ class Trainer:
         bar = tqdm(total=cfg.schedule.steps, initial=self.step, desc=f"{cfg.name} {cfg.objective.name}",
                    disable=None if logging_rank() else True, file=sys.stderr, dynamic_ncols=True)
         try:
-            if self.eval_problems and self.step == 0:
+            if self.eval_problems and self.step == 0:  # before training (a resumed run has evaluated)
                 self.evaluate()
             while self.step < cfg.schedule.steps:
                 result = run_iteration(self.student, self.teacher, self.student_generator, self.teacher_generator,
@@ -290,10 +290,10 @@ class Trainer:
                 self._check_not_stalled(result.step.skip_reason)
                 bar.update(1)
                 last = self.step == cfg.schedule.steps
-                if self.eval_problems and (last or (cfg.eval.every and self.step % cfg.eval.every == 0)):
+                if self.eval_problems and cfg.eval.due(self.step, cfg.schedule.steps):
                     self.evaluate()
                 preempted = stop.agreed()
-                if last or preempted or self.step % cfg.checkpoint.save_every == 0:
+                if preempted or cfg.checkpoint.due(self.step, cfg.schedule.steps):
                     self.save()
                 if preempted and not last:
                     logger.info(f"{stop.raised or 'a signal on another rank'}: checkpoint at step {self.step} written; "
