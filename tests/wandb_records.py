@@ -10,7 +10,10 @@ def wandb_history(run_folder) -> dict:
     is a wandb_internal_pb2.Record."""
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = glob.glob(str(run_folder / "wandb" / "offline-run-*" / "run-*.wandb"))
+    found = glob.glob(str(run_folder / "wandb" / "offline-run-*" / "run-*.wandb"))
+    if not found:  # not written yet
+        return {}
+    (path,) = found
     data = open(path, "rb").read()
     assert data[:4] == b":W&B"
     history, pos, pending = {}, 7, b""

@@ -295,8 +295,8 @@ def _load_weights_only(source, name: str, folder: Path) -> None:
         raise _unreadable(folder, e) from e
 
 
-def _unreadable(path: Path, cause: BaseException) -> ValueError:
-    return ValueError(f"{path}: unreadable checkpoint ({type(cause).__name__}: {str(cause)[:200]}); restore it, "
+def _unreadable(path: Path, cause: BaseException) -> ConfigError:
+    return ConfigError(f"{path}: unreadable checkpoint ({type(cause).__name__}: {str(cause)[:200]}); restore it, "
                       f"or point {path.parent / LATEST} at an earlier step_* folder")
 
 
