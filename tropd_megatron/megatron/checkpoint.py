@@ -53,13 +53,17 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def _optimizer_parts(optimizer):
+    """(Megatron optimizer, the torch optimizer inside it) of each part of a Megatron
+    optimizer (chained or not)."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(part, "optimizer", None) is not None:
+            yield part, part.optimizer
 
 
 def _torch_optimizers(optimizer):
     """The torch optimizers inside a Megatron optimizer (chained or not)."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if getattr(part, "optimizer", None) is not None:
-            yield part.optimizer
+    return [inner for _, inner in _optimizer_parts(optimizer)]
 
 
 def start_optimizer_state(optimizer) -> None:
@@ -70,10 +74,7 @@ def start_optimizer_state(optimizer) -> None:
     optimizer reads every parameter's ``step`` from torch Adam's state to save (a run whose first
     updates were all skipped) and to load into a fresh optimizer; TransformerEngine's and apex's
     FusedAdam keep the step in their param_groups and get Megatron's own ``init_state_fn``."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(part, "optimizer", None)
-        if inner is None:
-            continue
+    for part, inner in _optimizer_parts(optimizer):
         if isinstance(inner, torch.optim.Adam):  # AdamW is one
             for group in inner.param_groups:
                 for p in group["params"]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+
 import torch
 from torch.overrides import TorchFunctionMode
 

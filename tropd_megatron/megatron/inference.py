@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from .. import RunError
+from .. import ConfigError, RunError
 from ..planner import GIB, kv_cache_bytes, kv_cache_demand, kv_cache_shares
 from ..validate import kv_buffer_problem
 from ..seeds import stream_seed
@@ -106,7 +106,7 @@ def free_gpu_bytes() -> int:
     """The free memory of the GPU with the least of it, over all ranks: the ranks of one model
     must build equal KV caches (the dynamic engine's scheduling runs replicated on each)."""
     if not torch.cuda.is_available():
-        raise ValueError("rollout.engine.kv_cache_free_fraction needs a GPU; set rollout.engine.kv_cache_gib")
+        raise ConfigError("rollout.engine.kv_cache_free_fraction needs a GPU; set rollout.engine.kv_cache_gib")
     free = torch.tensor([torch.cuda.mem_get_info()[0]], dtype=torch.int64, device="cuda")
     dist.all_reduce(free, op=dist.ReduceOp.MIN)
     return int(free.item())
@@ -128,7 +128,7 @@ def size_kv_caches(generators: list, free_bytes: int | None = None) -> None:
         message = kv_buffer_problem(g.config, g.engine_config, layout["tensor"], layout["pipeline"],
                                     g.max_request_tokens, shares[i])
         if message:
-            raise ValueError(f"{g.name}: rollout.engine.kv_cache_free_fraction={fraction} of the {free / GIB:.3g} GiB "
+            raise ConfigError(f"{g.name}: rollout.engine.kv_cache_free_fraction={fraction} of the {free / GIB:.3g} GiB "
                              f"free gives {shares[i]:.3g} GiB: {message}")
         g.engine_config = replace(g.engine_config, kv_cache_gib=shares[i], kv_cache_free_fraction=0.0)
 
@@ -187,7 +187,7 @@ class Generator:
             layout = self.layout
             message = kv_buffer_problem(config, engine, layout["tensor"], layout["pipeline"], self.max_request_tokens)
             if message:
-                raise ValueError(f"{self.name}: {message}")
+                raise ConfigError(f"{self.name}: {message}")
             spec.kv_cache_gib = kv_cache_bytes(config, engine, request_tokens=self.max_request_tokens, **layout) / GIB
         return spec
 

@@ -12,6 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
+from .. import ConfigError
 from ..losses import VocabShard
 from . import cpu
 from .compat import HAVE_TE, gpt_decoder_spec
@@ -161,7 +162,7 @@ def shared_vocabulary_rows(student: ModelConfig, teacher: ModelConfig, tensor_pa
     teacher with a 151936-row student: both get 152064 rows). Padding rows are masked, so
     this changes no result. They must share the tokenizer's vocabulary."""
     if student.vocab_size != teacher.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"teacher vocabulary ({teacher.vocab_size} tokens) differs from the student's "
             f"({student.vocab_size} tokens): they must share one tokenizer"
         )
