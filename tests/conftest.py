@@ -15,11 +15,11 @@ torch.set_num_threads(1)
 LAYERS = {
     "losses": ("test_objectives", "test_primitives", "test_robustness", "test_trust_mask", "test_modelopt"),
     "config": ("test_validate", "test_planner", "test_recipes", "test_architecture", "test_data_formats",
-               "test_tokenizer", "test_answers", "test_task", "test_logs"),
+               "test_tokenizer", "test_answers", "test_task", "test_logs", "test_pruning"),
     "megatron": ("test_megatron_step", "test_distributed_optimizer", "test_packing", "test_generation", "test_rollout",
                  "test_evaluation", "test_hf_checkpoint", "test_teacher_layout", "test_distributed_helpers", "test_gpu"),
     "run": ("test_train", "test_reliability", "test_hf_train", "test_demo", "test_compare", "test_bench",
-            "test_gpu_check", "test_nemo", "test_slurm"),
+            "test_gpu_check", "test_nemo", "test_slurm", "test_smollm2"),
 }
 
 

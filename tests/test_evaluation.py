@@ -72,3 +72,66 @@ def test_problem_files_need_reference_answers(tmp_path):
         load_problems(PromptDataConfig(str(path)), tokenize)
     with pytest.raises(ValueError, match="needs answer_field"):
         load_problems(PromptDataConfig(str(path), answer_field=None), tokenize)
+
+
+def _divergence_worker(rank, world, tp, same_model):
+    import torch
+
+    from tropd_megatron.evaluation.divergence import divergence_to_teacher
+    from tropd_megatron.megatron.inference import SamplingConfig
+    from tropd_megatron.seeds import stream_seed
+
+    initialize(ParallelConfig(tp, 1), seed=0)
+    student = build_gpt(CONFIG, ParallelConfig(tp, 1))
+    teacher = student if same_model else build_gpt(CONFIG, ParallelConfig(tp, 1))
+    generator = Generator(student, CONFIG, eos_id=1, engine=EngineConfig(max_requests=4, kv_cache_gib=0.01))
+    prompts = [[2 + i, 3 + i % 5, 4] for i in range(6)]
+    result = divergence_to_teacher(generator, student, teacher, prompts, vocab_size=12, max_new_tokens=6, eos_id=1,
+                                   seed=3, micro_batch_size=4).as_dict()
+    if world == 1:  # the same samples again (one rank: its seed), scored in fp64 by plain forwards
+        generations = generator.generate(prompts, SamplingConfig(max_new_tokens=6),
+                                         seed=stream_seed(3, "divergence", rank=0))
+        kl = teacher_nll = student_nll = tokens = 0.0
+        for prompt, g in zip(prompts, generations):
+            sequence = torch.tensor([prompt + g.tokens])
+            inputs = sequence[:, :-1]
+            S = inputs.shape[1]
+            args = (inputs, torch.arange(S)[None], torch.ones(S, S, dtype=torch.bool).triu(1)[None, None])
+            with torch.no_grad():
+                log_s = student(*args).reshape(S, -1).double().log_softmax(-1)
+                log_t = teacher(*args).reshape(S, -1).double().log_softmax(-1)
+            for t in range(len(prompt) - 1, S):  # position t predicts response token t + 1
+                y = sequence[0, t + 1]
+                kl += float((log_s[t].exp() * (log_s[t] - log_t[t])).sum())
+                teacher_nll -= float(log_t[t, y])
+                student_nll -= float(log_s[t, y])
+                tokens += 1
+        result["reference"] = {"reverse_kl": kl / tokens, "teacher_nll": teacher_nll / tokens,
+                               "student_nll": student_nll / tokens, "response_length": tokens / len(prompts),
+                               "stopped_fraction": sum(g.stopped for g in generations) / len(prompts)}
+    return result
+
+
+@pytest.mark.timeout(200)
+def test_the_held_out_divergence_matches_an_fp64_reference_on_the_same_samples():
+    """Exact reverse KL, teacher and student NLL per response token (end token included), on
+    samples of which some stop and some run out of budget."""
+    result = run_workers(_divergence_worker, 1, 1, False, timeout=150)[0]
+    reference = result.pop("reference")
+    assert 0 < reference["stopped_fraction"] < 1  # both kinds of response are in the sums
+    assert reference["reverse_kl"] > 0.05  # two different models
+    for key, value in reference.items():
+        assert result[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert result["responses"] == 6
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
+def test_a_student_measured_against_itself_is_at_zero_divergence_on_every_layout(tp):
+    """TP = 2 (vocabulary-sharded sums) and DP = 2 (each rank its share of the prompts, summed)."""
+    results = run_workers(_divergence_worker, 2, tp, True, timeout=150)
+    assert results[0] == results[1]  # one answer on every rank
+    assert results[0]["responses"] == 6
+    assert abs(results[0]["reverse_kl"]) < 1e-6
+    assert results[0]["teacher_nll"] == pytest.approx(results[0]["student_nll"], rel=1e-6)
+    assert results[0]["teacher_nll"] > 1.0  # sampled at temperature 1 from a random model over 12 tokens

@@ -29,8 +29,11 @@ class ArithmeticConfig:
     max_steps: int = 3
     max_operand: int = 20
     max_multiplier: int = 9  # keeps intermediate values small
+    ops: str = "+-*"  # the operations drawn from, each equally likely
 
     def __post_init__(self):
+        if not self.ops or set(self.ops) - set(OPS):
+            raise ConfigError(f"ArithmeticConfig ops={self.ops!r}: a non-empty string of {''.join(OPS)}")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ConfigError(f"ArithmeticConfig steps: need 1 <= min_steps ({self.min_steps}) <= max_steps ({self.max_steps})")
 
@@ -39,7 +42,7 @@ def make_problem(rng: random.Random, config: ArithmeticConfig) -> Problem:
     value = rng.randint(1, config.max_operand)
     question, steps = str(value), []
     for i in range(rng.randint(config.min_steps, config.max_steps)):
-        op = rng.choice("+-*")
+        op = rng.choice(config.ops)
         operand = rng.randint(2, config.max_multiplier) if op == "*" else rng.randint(1, config.max_operand)
         result = OPS[op](value, operand)
         question = f"({question}){op}{operand}" if i else f"{question}{op}{operand}"
