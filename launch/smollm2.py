@@ -30,7 +30,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from launch import run_main
-from launch.compare import interval, run_key, run_seconds, save
+from launch.compare import chosen_lr as compare_chosen_lr
+from launch.compare import interval, run_key, run_seconds, save, selection_score
 from recipes import get_recipe
 from recipes.smollm2_prune_distill import KEPT_LAYERS, STUDENT_FOLDER, TEACHER_FOLDER
 from tropd_megatron import ConfigError
@@ -59,9 +60,14 @@ VARIANTS = {
     "top-k forward KL": ["objective.name=tropd", "objective.tropd.outlier=fkl", "objective.tropd.topk=64",
                          "objective.tropd.trust=deterministic", "objective.tropd.trust_threshold=1e9"],
 }
-LEARNING_RATES = (3e-4, 1e-3)  # 20 steps are few: the upper part of make compare's sweep (it chose 1e-3 for TrOPD fkl)
+LEARNING_RATES = (3e-4, 1e-3)  # 16 steps are few: the upper part of make compare's sweep (it chose 1e-3 for TrOPD fkl)
 SEEDS = (0, 1)
 SELECTION_EVALS = 2
+
+
+def chosen_lr(runs: dict, variant: str, lrs=LEARNING_RATES, seed: int = SEEDS[0]) -> float | None:
+    """The row's rate by make compare's rule (launch.compare.chosen_lr) on this study's evaluations."""
+    return compare_chosen_lr(runs, variant, lrs, seed, SELECTION_EVALS)
 SPLIT_SEED = 2026
 
 
@@ -190,21 +196,6 @@ def run_one(root: Path, variant: str, lr: float, seed: int, overrides: list) -> 
             "train_stopped_fraction": [m["stopped_fraction"] for m in steps]}
 
 
-def selection_score(record: dict) -> float:
-    """Mean of the last validation evaluations, rounded to what the problem count resolves."""
-    mean = statistics.fmean(acc for _, acc in record["validation"][-SELECTION_EVALS:])
-    return round(mean * record["validation_problems"] * SELECTION_EVALS) / (record["validation_problems"] * SELECTION_EVALS)
-
-
-def chosen_lr(runs: dict, variant: str, lrs=LEARNING_RATES, seed: int = SEEDS[0]) -> float | None:
-    """The row's rate once its whole sweep has run at ``seed`` (else None)."""
-    sweep = [runs.get(run_key(variant, lr, seed)) for lr in lrs]
-    if any(r is None for r in sweep):
-        return None
-    best = max(selection_score(r) for r in sweep)
-    return min(r["lr"] for r in sweep if selection_score(r) == best)
-
-
 DECISION_RULE = (
     "Stated before the runs: row A is better than row B only if A's test avg@1 is higher than B's at every seed "
     "(paired by seed: the same data order, sampling seeds and trust-mask seed) and the mean paired difference is "
@@ -244,7 +235,7 @@ def report(data: dict, out: str, root: Path, variants=tuple(VARIANTS), lrs=LEARN
         cells = []
         for lr in lrs:
             r = runs.get(run_key(v, lr, seeds[0]))
-            cells.append("—" if r is None else f"{selection_score(r):.3f}{' *' if lr == chosen[v] else ''}")
+            cells.append("—" if r is None else f"{selection_score(r, SELECTION_EVALS):.3f}{' *' if lr == chosen[v] else ''}")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines += ["", "## After training, at each row's chosen rate (held-out test split)", "",
               "| row | lr | test avg@1 by seed | mean ± sd | reverse KL | teacher NLL | length | stopped | "

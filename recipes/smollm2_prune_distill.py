@@ -40,9 +40,9 @@ def smollm2_prune_distill(root: str = "runs/smollm2") -> RunConfig:
                               rollouts_per_prompt=4, micro_batch_size=8),
         objective=ObjectiveChoice("tropd", tropd=TrOPDConfig(topk=64)),
         optim=OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=2),
-        schedule=ScheduleConfig(steps=20, prompts_per_step=8),
-        checkpoint=CheckpointConfig(dir=f"{root}/runs/smollm2_prune_distill", save_every=5, keep_last=1),
+        schedule=ScheduleConfig(steps=16, prompts_per_step=8),
+        checkpoint=CheckpointConfig(dir=f"{root}/runs/smollm2_prune_distill", save_every=4, keep_last=1),
         logging=LoggingConfig(tensorboard_dir=f"{root}/runs/smollm2_prune_distill/tensorboard", log_every=5),
-        eval=EvalConfig(path=f"{root}/validation.jsonl", every=5),
+        eval=EvalConfig(path=f"{root}/validation.jsonl", every=4),
         gpu="cpu",
     )

@@ -58,3 +58,53 @@ def test_shortened_compare_follows_the_protocol_and_resumes(tmp_path):
     second = run_compare(tmp_path)  # every run is on record: none is trained or even resumed
     assert second.returncode == 0, second.stderr[-3000:]
     assert "== " not in second.stderr and json.loads((tmp_path / "compare.json").read_text()) == data
+
+
+NEW_ROWS = ("exact reverse KL", "dense forward KL", "top-k forward KL", "OPD + top-k forward KL",
+            "TrOPD fkl (random mask)")
+
+
+@pytest.mark.timeout(900)
+def test_the_rows_of_what_other_frameworks_ship_and_the_control_run_through_the_protocol(tmp_path):
+    """One sweep run of each added row on tiny budgets: each trains its own objective (the
+    trust fraction tells them apart: 1 for the dense rows; 0 when every token takes the
+    forward-KL term, where OPD's policy gradient on top changes the first step's loss on the
+    same rollouts; strictly between for the random mask)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "launch.compare", "--root", str(tmp_path / "demo"), "--out", str(tmp_path / "compare"),
+           "--lrs", "1e-3", "--seeds", "0", "--phase", "sweep", "--variants", ",".join(NEW_ROWS),
+           "task.teacher_sft_steps=4", "task.student_sft_steps=2", "task.train_problems=300", "task.eval_problems=8",
+           "task.validation_problems=6", "schedule.steps=2", "eval.every=1", "rollout.sampling.max_new_tokens=12",
+           "eval.max_new_tokens=12"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=800,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads((tmp_path / "compare.json").read_text())["runs"]
+    assert sorted(r["variant"] for r in runs.values()) == sorted(NEW_ROWS)
+    from tropd_megatron.logs import read_metrics
+
+    trust, loss = {}, {}
+    for r in runs.values():
+        assert [s for s, _ in r["validation"]] == [0, 1, 2]
+        steps = list(read_metrics(str(tmp_path / "demo" / "compare" / r["key"])).values())
+        trust[r["variant"]] = [m["trust_fraction"] for m in steps]
+        loss[r["variant"]] = steps[0]["loss"]
+    assert trust["exact reverse KL"] == trust["dense forward KL"] == [1.0, 1.0]
+    assert trust["top-k forward KL"] == trust["OPD + top-k forward KL"] == [0.0, 0.0]
+    assert abs(loss["top-k forward KL"] - loss["OPD + top-k forward KL"]) > 1e-3
+    assert all(0 < t < 1 for t in trust["TrOPD fkl (random mask)"])
+
+
+def test_paired_differences_and_the_rule_outcome():
+    from launch.compare import PAIRED, paired_lines, run_key
+
+    row, other = PAIRED[0]
+    tests = {row: [0.40, 0.38, 0.41], other: [0.30, 0.31, 0.29]}
+    runs = {run_key(v, 1e-3, s): {"variant": v, "lr": 1e-3, "seed": s, "test": x}
+            for v, xs in tests.items() for s, x in enumerate(xs)}
+    lines = paired_lines(runs, {row: 1e-3, other: 1e-3}, [row, other])
+    assert any(f"| {row} − {other} | 0, 1, 2 | +0.100, +0.070, +0.120 | +0.097 |" in line and f"{row} ahead" in line
+               for line in lines)
+    runs[run_key(other, 1e-3, 1)]["test"] = 0.45  # one seed the other way: the interval spans 0
+    assert any("no difference shown" in line for line in paired_lines(runs, {row: 1e-3, other: 1e-3}, [row, other]))
+    assert paired_lines(runs, {row: 1e-3, other: None}, [row, other]) == []  # a sweep not finished

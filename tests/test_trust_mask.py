@@ -68,3 +68,39 @@ def test_trust_fraction_matches_expected_acceptance_probability():
     observed = reduced["trust_fraction"] * reduced["policy_tokens"]
     assert 0.05 < expected / p.numel() < 0.95, "the batch must mix trusted and outlier tokens"
     assert abs(observed - expected) < 5 * sd, (observed, expected, sd)
+
+
+def test_the_random_control_keeps_the_rate_but_not_the_choice_of_tokens():
+    """trust="random": the trusted count matches the stochastic mask's expected count (same
+    rate, 5 sd), but trust no longer follows r_t: among the half of tokens with the higher r_t
+    the stochastic mask trusts far more than among the lower half, the random one about the
+    same (a control that used r_t per token fails the second check, one at another rate the first)."""
+    batch = make_batch(seed=9, B=32, S=128, teacher_scale=1.5)
+    args = (batch["student"].float(), batch["teacher"].float(), batch["target"], batch["mask"])
+    target = batch["target"].clamp_min(0)[..., None]
+    r = (ref.log_probs(batch["teacher"], batch["vocab"]).gather(-1, target)
+         - ref.log_probs(batch["student"], batch["vocab"]).gather(-1, target))[..., 0]
+    on = batch["mask"] > 0
+    p = r.clamp_max(0).exp()[on]
+    high = r[on] >= r[on].median()
+
+    def mask_of(trust):
+        from tropd_megatron.losses.objectives import TokenView, trust_mask
+
+        keys = sequence_token_keys(batch["target"], batch["mask"])
+        view = TokenView(*[None] * 3, log_ratio=r.float(), teacher_entropy=None, student_entropy=None,
+                         rollout_logprob=None, trust_keys=keys, weight=batch["mask"].float())
+        return trust_mask(TrOPDConfig(topk=8, seed=5, trust=trust), view, step=2)[on]
+
+    stochastic, random = mask_of("stochastic"), mask_of("random")
+    n = p.numel()
+    rate = p.mean().item()
+    assert abs(random.sum().item() - p.sum().item()) < 5 * math.sqrt(n * rate * (1 - rate))
+    assert stochastic[high].mean() - stochastic[~high].mean() > 0.3
+    assert abs(random[high].mean() - random[~high].mean()) < 5 * math.sqrt(2 * rate * (1 - rate) / (n / 2))
+    assert torch.equal(random, mask_of("random"))  # reproducible
+    assert (random != stochastic).float().mean() > 0.1  # not the stochastic draws
+    _, _, metrics = distillation_loss(*args, TrOPDConfig(topk=8, seed=5, trust="random"), vocab_size=batch["vocab"],
+                                      step=2)
+    reduced = reduce_metrics(metrics)
+    assert abs(reduced["trust_fraction"] - rate) < 5 * math.sqrt(rate * (1 - rate) / n)

@@ -113,7 +113,7 @@ class REOPOLDConfig(OPDConfig):
         return math.log(self.lam) / (1 - self.lam)
 
 
-TRUST_MODES = ("stochastic", "deterministic")
+TRUST_MODES = ("stochastic", "deterministic", "random")
 OUTLIER_STRATEGIES = ("clip", "mask", "fkl")
 
 
@@ -124,7 +124,10 @@ class TrOPDConfig(OPDConfig):
     Trust probability P_t = min(1, exp(r_t)). ``trust="stochastic"``: M_t ~ Bernoulli(P_t),
     drawn from a hash of (seed, step, token, position, sequence) so every tensor-parallel
     rank draws the same mask with no communication; ``"deterministic"``:
-    M_t = 1[r_t >= trust_threshold] (trust_threshold is log delta). Trusted tokens:
+    M_t = 1[r_t >= trust_threshold] (trust_threshold is log delta); ``"random"``, a control
+    and not a method: M_t ~ Bernoulli(mean P_t), the micro-batch's mean trust probability over
+    its on-policy tokens, drawn blind to each token's own r_t (the stochastic mask's rate on
+    tokens chosen at random). Trusted tokens:
     -M_t r_t log p_S(y_t). Outliers (1 - M_t): ``clip`` uses the reward max(r_t, outlier_clip),
     ``mask`` drops them, ``fkl`` uses the forward KL over the teacher's top-k.
     Teacher-prefix tokens (prefix_mask): beta_s * (-log p_S(y_j)) with beta_s cosine-annealed

@@ -115,11 +115,19 @@ def token_uniforms(seed: int, step: int, keys: torch.Tensor) -> torch.Tensor:
     return (hashed >> 8).to(torch.float64).div(1 << 24).to(torch.float32)
 
 
+RANDOM_MASK_SALT = 0x5BD1E995  # the random control's draws are not the stochastic mask's
+
+
 def trust_mask(config: TrOPDConfig, tokens: TokenView, step: int) -> torch.Tensor:
-    """M_t: Bernoulli(min(1, exp(r_t))) from seeded hashes, or 1[r_t >= trust_threshold]."""
+    """M_t: Bernoulli(min(1, exp(r_t))) from seeded hashes, 1[r_t >= trust_threshold], or
+    (the random control) Bernoulli of the micro-batch's mean min(1, exp(r_t))."""
     if config.trust == "deterministic":
         return (tokens.log_ratio >= config.trust_threshold).float()
     accept = tokens.log_ratio.clamp_max(0.0).exp()
+    if config.trust == "random":
+        on_policy = (tokens.weight > 0).float()
+        rate = (accept * on_policy).sum() / on_policy.sum().clamp_min(1.0)
+        return (token_uniforms(config.trust_seed, step, tokens.trust_keys ^ RANDOM_MASK_SALT) < rate).float()
     return (token_uniforms(config.trust_seed, step, tokens.trust_keys) < accept).float()
 
 
