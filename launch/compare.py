@@ -15,8 +15,9 @@ The protocol (fixed before any result was seen; docs/compare.md states it):
 A seed sets the data order, the rollouts' sampling and the trust mask.
 
 Each run keeps its checkpoints under ROOT/compare/<run>, and every finished run's results go
-into OUT.json at once, so the comparison resumes where it stopped, across sittings, and a
-finished run is never repeated. Writes OUT.md (tables), OUT.png (curves) and OUT.json.
+into the state file (results/compare.json) at once, so the comparison resumes where it
+stopped, across sittings, and a finished run is never repeated. Writes OUT.md (tables) and
+OUT.png (curves).
 """
 import argparse
 import json
@@ -346,7 +347,9 @@ def main(argv=None) -> None:
     parser.add_argument("--phase", choices=("all", "sweep"), default="all", help="sweep: only the learning-rate runs")
     parser.add_argument("--no-extra-seeds", action="store_true",
                         help=f"skip the decision rule's extra seeds ({EXTRA_SEEDS})")
-    parser.add_argument("--out", default="docs/compare", help="writes OUT.md, OUT.json, OUT.png")
+    parser.add_argument("--out", default="docs/compare", help="writes the report OUT.md and its curves OUT.png")
+    parser.add_argument("--state", help="every finished run's record, read to resume (default: "
+                                        "results/<the --out file name>.json)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=TASK_HELP + "; for every run")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",")]
@@ -361,7 +364,8 @@ def main(argv=None) -> None:
         parser.exit(2, f"error: {e}\n")
     initialize(base.parallel, seed=0)
     prepare(base, task)
-    path = args.out + ".json"
+    path = args.state or os.path.join("results", os.path.basename(args.out) + ".json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     data = json.load(open(path)) if os.path.exists(path) else {}
     data.setdefault("runs", {})
     if "protocol" not in data:  # the models before training, on the test set (read by the report only)

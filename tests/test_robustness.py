@@ -169,7 +169,7 @@ def test_compact_signal_errors():
     "make, match",
     [
         (lambda: TrOPDConfig(outlier="drop"), r"TrOPDConfig.outlier='drop'; expected one of \('clip', 'mask', 'fkl'\)"),
-        (lambda: TrOPDConfig(trust="random"), "TrOPDConfig.trust='random'"),
+        (lambda: TrOPDConfig(trust="bernoulli"), "TrOPDConfig.trust='bernoulli'"),
         (lambda: TrOPDConfig(outlier_clip=0.5), "TrOPDConfig.outlier_clip=0.5; must be <= 0"),
         (lambda: EOPDConfig(topk_kl="bucket"), "EOPDConfig.topk_kl='bucket'"),
         (lambda: REOPOLDConfig(lam=1.5), r"REOPOLDConfig.lam=1.5; must be in \(0, 1\)"),
