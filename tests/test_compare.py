@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_compare(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "launch.compare", "--root", str(tmp_path / "demo"), "--out", str(tmp_path / "compare"),
-           "--state", str(tmp_path / "compare.json"), "--lrs", "1e-3,3e-3", "--seeds", "0,1", "--variants", "OPD,TrOPD mask", "task.teacher_sft_steps=4",
+           "--state", str(tmp_path / "compare.json"), "--lrs", "1e-3,3e-3", "--seeds", "0,1", "--variants",
+           "OPD,TrOPD mask", "task.teacher_sft_steps=4",
            "task.student_sft_steps=2", "task.train_problems=300", "task.eval_problems=8",
            "task.validation_problems=6", "schedule.steps=3", "eval.every=1", "rollout.sampling.max_new_tokens=12",
            "eval.max_new_tokens=12"]
@@ -72,7 +73,8 @@ def test_the_rows_of_what_other_frameworks_ship_and_the_control_run_through_the_
     same rollouts; strictly between for the random mask)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "launch.compare", "--root", str(tmp_path / "demo"), "--out", str(tmp_path / "compare"),
-           "--state", str(tmp_path / "compare.json"), "--lrs", "1e-3", "--seeds", "0", "--phase", "sweep", "--variants", ",".join(NEW_ROWS),
+           "--state", str(tmp_path / "compare.json"), "--lrs", "1e-3", "--seeds", "0", "--phase", "sweep",
+           "--variants", ",".join(NEW_ROWS),
            "task.teacher_sft_steps=4", "task.student_sft_steps=2", "task.train_problems=300", "task.eval_problems=8",
            "task.validation_problems=6", "schedule.steps=2", "eval.every=1", "rollout.sampling.max_new_tokens=12",
            "eval.max_new_tokens=12"]

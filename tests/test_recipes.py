@@ -44,7 +44,8 @@ def test_bad_overrides_name_the_key(override, message):
 
 
 def test_unknown_recipe():
-    with pytest.raises(ValueError, match="unknown recipe 'x'; available: llama3_70b_to_8b, qwen3_8b_to_1p7b, smollm2_prune_distill, tiny"):
+    available = "llama3_70b_to_8b, qwen3_8b_to_1p7b, smollm2_prune_distill, tiny"
+    with pytest.raises(ValueError, match=f"unknown recipe 'x'; available: {available}"):
         get_recipe("x")
 
 
