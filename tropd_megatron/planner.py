@@ -312,7 +312,7 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
     distributed = config.optim.distributed_optimizer and config.optim.optimizer == "adam"
     optimizer_shards = dp if distributed else 1
 
-    items = {
+    items = {  # held throughout
         f"student weights ({student.dtype})": student_params * DTYPE_BYTES[student.dtype],
         "student gradients (fp32)": student_params * 4,
         f"student optimizer ({config.optim.optimizer}, 1/{optimizer_shards} shard)":
@@ -320,6 +320,8 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
                       optimizer_shards),
         f"teacher weights ({teacher.dtype})":
             stage_parameters(teacher, t.tensor, t.pipeline) * DTYPE_BYTES[teacher.dtype],
+    }
+    training = {  # held while the step runs, released before the next rollouts
         f"student activations (recompute {student.recompute}{', SP' if sequence_parallel else ''})": activation_bytes(
             student, sequence=sequence, micro_batch=rollout.micro_batch_size, tensor=tp, pipeline=pp,
             microbatches=microbatches, sequence_parallel=sequence_parallel),
@@ -327,16 +329,17 @@ def plan(config: RunConfig, gpus: Optional[int] = None) -> MemoryPlan:
         "student logits (fp32, x2)": rollout.micro_batch_size * sequence * student.embedding_rows // tp * 4 * 2,
     }
     if config.objective.selected().teacher_input == "logits":  # train_step keeps every micro-batch's logits shard
-        items[f"teacher logits, dense ({teacher.dtype})"] = (
+        training[f"teacher logits, dense ({teacher.dtype})"] = (
             tokens_per_step * teacher.embedding_rows // tp * DTYPE_BYTES[teacher.dtype])
     else:
         topk = config.objective.selected().signal_topk
         per_token = SIGNAL_TOKEN_BYTES + topk * SIGNAL_TOPK_BYTES
-        items[f"teacher signal (top-{topk})"] = tokens_per_step * per_token
+        training[f"teacher signal (top-{topk})"] = tokens_per_step * per_token
         if own_layout:  # what this rank's teacher group scored for every student rank it serves
-            items["teacher signal, the teacher group's share"] = _ceil_div(tokens_per_step * dp, teacher_dp) * per_token
-    phases = {k: "training" for k in items if k.startswith(("student activations", "student logits", "teacher"
-                                                             " signal", "teacher logits"))}
+            training["teacher signal, the teacher group's share"] = (_ceil_div(tokens_per_step * dp, teacher_dp)
+                                                                     * per_token)
+    items.update(training)
+    phases = dict.fromkeys(training, "training")
     if on_gpu:
         items["CUDA context, NCCL, workspaces"] = CONTEXT_BYTES
     engine = rollout.engine
