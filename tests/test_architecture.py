@@ -141,6 +141,11 @@ def test_every_cpu_patch_is_in_place_and_a_renamed_target_fails_loudly():
     assert in_place
     with pytest.raises(RuntimeError, match="renamed .* does not exist in the installed version"):
         patch(types.SimpleNamespace(__name__="mod"), "renamed", 1, "a test")
+    module = types.SimpleNamespace(__name__="mod", set_state=lambda device, new_state: None)
+    with pytest.raises(RuntimeError, match=r"set_state .* parameters begin \('device',\), not \('new_state',\)"):
+        patch(module, "set_state", None, "a test", leading_parameters=("new_state",))
+    patch(module, "set_state", None, "a test", leading_parameters=("device", "new_state"))
+    assert module.set_state is None
 
 
 def test_the_objective_names_come_from_one_table():

@@ -227,7 +227,7 @@ def enable() -> None:
     _patch(mp_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state(),
            "the model-parallel RNG tracker on the CPU generator")
     _patch(mp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state),
-           "the model-parallel RNG tracker on the CPU generator")
+           "the model-parallel RNG tracker on the CPU generator", leading_parameters=("new_state",))
     # The tracker warns when the CPU generator moves inside a "GPU" RNG fork; here they are one.
     logging.getLogger(mp_random.__name__).setLevel(logging.ERROR)
     _enable_dynamic_inference()
