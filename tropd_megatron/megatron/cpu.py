@@ -16,7 +16,7 @@ unchanged. On CPU it:
   to 64 tokens, the pipeline-parallel logits broadcast's CUDA-tensor assert answered.
 Callers must still pass an explicit attention mask (None reaches a "cuda" literal) and use
 ``batch_p2p_sync=False``; sequence parallelism on Megatron's local layers takes the norm of
-``compat.gpt_decoder_spec`` (Megatron's torch norms refuse it, on CPU and GPU alike).
+``layer_spec.gpt_decoder_spec`` (Megatron's torch norms refuse it, on CPU and GPU alike).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from .. import ConfigError, RunError
 from ..planner import GIB, kv_cache_bytes, kv_cache_demand, kv_cache_shares
 from ..validate import kv_buffer_problem
 from ..seeds import stream_seed
-from .compat import EngineSpec, dynamic_engine, kv_bytes_in_use, reseed_sampling, run_dynamic, run_static, static_engine
+from .engines import EngineSpec, dynamic_engine, kv_bytes_in_use, reseed_sampling, run_dynamic, run_static, static_engine
 from ..config.model import ModelConfig
 from ..config.rollout import EngineConfig, SamplingConfig
 from .groups import ModelGroups

@@ -15,7 +15,8 @@ from megatron.core.transformer import TransformerConfig
 from .. import ConfigError
 from ..losses import VocabShard
 from . import cpu
-from .compat import HAVE_TE, gpt_decoder_spec
+from .compat import HAVE_TE
+from .layer_spec import gpt_decoder_spec
 from ..config.model import ModelConfig, ParallelConfig
 from .groups import ModelGroups
 
