@@ -177,13 +177,7 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
              + "; ".join(f"{', '.join(map(str, s))} also for {v}" for v, s in EXTRA_SEEDS.items()) + ". "
              + DECISION_RULE, "",
              "## Learning-rate sweep (seed 0, validation avg@1, mean of the last evaluations; * chosen)", "",
-             "| objective | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
-    for v in variants:
-        cells = []
-        for lr in lrs:
-            r = runs.get(run_key(v, lr, seeds[0]))
-            cells.append("—" if r is None else f"{selection_score(r):.3f}{' *' if lr == chosen[v] else ''}")
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+             *sweep_table(runs, variants, lrs, seeds[0], chosen, "objective")]
     edge = [f"{v} ({chosen[v]:g})" for v in variants if chosen[v] in (min(lrs), max(lrs))]
     if edge:
         lines += ["", "Chosen at an end of the sweep, so a rate beyond it was not tried: " + ", ".join(edge) + "."]
@@ -242,6 +236,19 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
     os.replace(out + ".md.tmp", out + ".md")
     plot(runs, chosen, seeds, out + ".png")
     return text
+
+
+def sweep_table(runs: dict, variants: list, lrs, seed: int, chosen: dict, first_column: str,
+                evals: int = SELECTION_EVALS) -> list[str]:
+    """The sweep's markdown table: a row per variant, its selection score at each rate, * on the chosen one."""
+    lines = [f"| {first_column} | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    for v in variants:
+        cells = []
+        for lr in lrs:
+            r = runs.get(run_key(v, lr, seed))
+            cells.append("—" if r is None else f"{selection_score(r, evals):.3f}{' *' if lr == chosen[v] else ''}")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def paired_lines(runs: dict, chosen: dict, variants: list) -> list[str]:
@@ -338,12 +345,29 @@ def protocol_facts(root: str, base, command: str, trainer_eval: dict) -> dict:
             "topk": base.objective.tropd.topk, "eval_every": base.eval.every, **trainer_eval}
 
 
+def add_study_arguments(parser: argparse.ArgumentParser, variants: dict, lrs, seeds) -> None:
+    """--variants, --lrs, --seeds: which rows, the sweep, the seeds (shared with launch.smollm2)."""
+    parser.add_argument("--variants", default=",".join(variants), help="comma-separated, of: %(default)s")
+    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in lrs), help="the sweep")
+    parser.add_argument("--seeds", default=",".join(map(str, seeds)), help="at the chosen rate (first: the sweep's)")
+
+
+def study_choices(parser: argparse.ArgumentParser, args, variants: dict) -> tuple[list, tuple, tuple]:
+    """(rows, rates, seeds) from ``add_study_arguments``' options; exit 2 naming a bad one."""
+    rows = [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in rows if v not in variants]
+    if unknown:
+        parser.exit(2, f"error: unknown variants {unknown}; choose from {', '.join(variants)}\n")
+    try:
+        return rows, tuple(float(x) for x in args.lrs.split(",")), tuple(int(x) for x in args.seeds.split(","))
+    except ValueError as e:
+        parser.exit(2, f"error: --lrs / --seeds: {e}\n")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/demo", help="the demo's task files and models")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: %(default)s")
-    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES), help="the sweep")
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="at the chosen rate (first: the sweep's)")
+    add_study_arguments(parser, VARIANTS, LEARNING_RATES, SEEDS)
     parser.add_argument("--phase", choices=("all", "sweep"), default="all", help="sweep: only the learning-rate runs")
     parser.add_argument("--no-extra-seeds", action="store_true",
                         help=f"skip the decision rule's extra seeds ({EXTRA_SEEDS})")
@@ -352,13 +376,8 @@ def main(argv=None) -> None:
                                         "results/<the --out file name>.json)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=TASK_HELP + "; for every run")
     args = parser.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",")]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.exit(2, f"error: unknown variants {unknown}; choose from {', '.join(VARIANTS)}\n")
+    variants, lrs, seeds = study_choices(parser, args, VARIANTS)
     try:
-        lrs = tuple(float(x) for x in args.lrs.split(","))
-        seeds = tuple(int(x) for x in args.seeds.split(","))
         base, task = tiny_configs(args.root, args.overrides)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from launch import run_main
 from launch.compare import chosen_lr as compare_chosen_lr
-from launch.compare import interval, run_key, run_seconds, save, selection_score
+from launch.compare import add_study_arguments, interval, run_key, run_seconds, save, study_choices, sweep_table
 from recipes import get_recipe
 from recipes.smollm2_prune_distill import KEPT_LAYERS, STUDENT_FOLDER, TEACHER_FOLDER
 from tropd_megatron import ConfigError
@@ -230,13 +230,7 @@ def report(data: dict, out: str, root: Path, variants=tuple(VARIANTS), lrs=LEARN
              f"| student (10 layers) | {s0['test']:.3f} | {s0['reverse_kl']:.3f} | {s0['teacher_nll']:.3f} | "
              f"{s0['student_nll']:.3f} | {s0['response_length']:.1f} | {s0['stopped_fraction']:.2f} |", "",
              "## Learning-rate sweep (seed 0; validation avg@1, mean of the last evaluations; * chosen)", "",
-             "| row | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
-    for v in variants:
-        cells = []
-        for lr in lrs:
-            r = runs.get(run_key(v, lr, seeds[0]))
-            cells.append("—" if r is None else f"{selection_score(r, SELECTION_EVALS):.3f}{' *' if lr == chosen[v] else ''}")
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+             *sweep_table(runs, variants, lrs, seeds[0], chosen, "row", SELECTION_EVALS)]
     lines += ["", "## After training, at each row's chosen rate (held-out test split)", "",
               "| row | lr | test avg@1 by seed | mean ± sd | reverse KL | teacher NLL | length | stopped | "
               "trust fraction (first → last 5 steps) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -322,21 +316,11 @@ def main(argv=None) -> None:
     parser.add_argument("--root", default="runs/smollm2", help="models, task files and runs")
     parser.add_argument("--phase", choices=("all", "sweep", "prepare"), default="all",
                         help="prepare: only the files (one process); sweep: only the learning-rate runs")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: %(default)s")
-    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES), help="the sweep")
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="at the chosen rate (first: the sweep's)")
+    add_study_arguments(parser, VARIANTS, LEARNING_RATES, SEEDS)
     parser.add_argument("--out", default="results/smollm2", help="writes OUT.json (the study's state), OUT.md, OUT.png")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="for every run (e.g. schedule.steps=20)")
     args = parser.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",")]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.exit(2, f"error: unknown variants {unknown}; choose from {', '.join(VARIANTS)}\n")
-    try:
-        lrs = tuple(float(x) for x in args.lrs.split(","))
-        seeds = tuple(int(x) for x in args.seeds.split(","))
-    except ValueError as e:
-        parser.exit(2, f"error: --lrs / --seeds: {e}\n")
+    variants, lrs, seeds = study_choices(parser, args, VARIANTS)
     root = Path(args.root)
     if args.phase == "prepare":
         prepare(root)
