@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from launch import smollm2
+from launch.compare import selection_score
 from recipes import get_recipe
 from recipes.models import from_hf, smollm2_135m
 from recipes.smollm2_prune_distill import KEPT_LAYERS
@@ -71,7 +72,7 @@ def test_selection_rounds_so_that_a_tie_is_a_tie_and_goes_to_the_smaller_rate():
     # 0.1 + 0.2 and 0.15 * 2 differ in the last bit as floats; both are 24 of 160 answers
     a = _record([(0, 0.0), (15, 0.1), (20, 0.2)])
     b = _record([(0, 0.0), (15, 0.15), (20, 0.15)])
-    assert smollm2.selection_score(a, 2) == smollm2.selection_score(b, 2)
+    assert selection_score(a, 2) == selection_score(b, 2)
     runs = {smollm2.run_key("OPD", 3e-4, 0): {**a, "lr": 3e-4}, smollm2.run_key("OPD", 1e-3, 0): {**b, "lr": 1e-3}}
     assert smollm2.chosen_lr(runs, "OPD") == 3e-4
     runs[smollm2.run_key("OPD", 1e-3, 0)]["validation"][-1] = (20, 0.2125)  # one more answer right
