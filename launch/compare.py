@@ -25,6 +25,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from dataclasses import replace
 
 import torch.distributed as dist
@@ -79,6 +80,8 @@ SELECTION_EVALS = 3  # validation evaluations averaged by the selection rule
 PAPER_ABLATION = [("OPD", "OPD", 46.79), ("+ trust-region mask", "TrOPD mask", 47.72),
                   ("+ forward-KL outliers", "TrOPD fkl", 49.00),
                   ("+ teacher-prefix guidance", "TrOPD fkl + prefix guidance", 49.85)]
+# the kernel pins of the Makefile's PINNED_ISA: with the CPU model, what a run's float rounding depends on
+KERNEL_PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # two-sided 95% Student's t by degrees of freedom
 
 
@@ -95,6 +98,7 @@ def run_one(root: str, variant: str, lr: float, seed: int, overrides: list) -> d
                                  f"schedule.seed={seed}",  # the data order and the trust mask follow it
                                  f"eval.path={root}/validation.jsonl", f"checkpoint.dir={folder}",
                                  f"logging.tensorboard_dir={folder}/tensorboard", "logging.log_every=50", *overrides])
+    start = time.monotonic()
     trainer = Trainer(cfg)
     history = trainer.run().eval
     test = load_problems(replace(cfg.data, path=f"{root}/held_out.jsonl"), trainer.encode)
@@ -105,7 +109,8 @@ def run_one(root: str, variant: str, lr: float, seed: int, overrides: list) -> d
             "validation": [(e["step"], e["avg_at_n"]) for e in history], "test": result.avg_at_n,
             "test_problems": result.problems, "validation_problems": history[-1]["problems"],
             "response_length": statistics.fmean(m["response_length"] for m in last) if last else None,
-            "stopped_fraction": statistics.fmean(m["stopped_fraction"] for m in last) if last else None}
+            "stopped_fraction": statistics.fmean(m["stopped_fraction"] for m in last) if last else None,
+            "seconds": round(time.monotonic() - start)}  # this sitting's share, when the run resumed
 
 
 def selection_score(record: dict, evals: int = SELECTION_EVALS) -> float:
@@ -137,6 +142,21 @@ def interval(values: list) -> tuple:
     return mean, sd, T_95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
 
 
+def machine() -> str:
+    """This CPU (model name, family and model from /proc/cpuinfo) and the kernel pins in effect:
+    runs from different machines do not pair (docs/results.md), so a state file holds one."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    cpu = f"{info.get('model name', 'unknown CPU')} (family {info.get('cpu family', '?')} model {info.get('model', '?')})"
+    return cpu + ", kernels " + " ".join(f"{k}={os.environ.get(k, 'unset')}" for k in KERNEL_PINS)
+
+
 def save(path: str, data: dict) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1)
@@ -148,7 +168,7 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
     protocol = data["protocol"]
     chosen = {v: chosen_lr(runs, v, lrs) for v in variants}  # None until a sweep is complete
     lines = ["# Objectives compared on the built-in tiny task", "",
-             f"Made by `{protocol['command']}` ({protocol['compute']}).", "",
+             f"Made by `{protocol['command']}` ({protocol['compute']}: {protocol['machine']}).", "",
              "## Protocol (fixed before any result was seen)", "",
              f"- Task: multi-step arithmetic; three disjoint splits: {protocol['train_problems']} training prompts, "
              f"{protocol['validation_problems']} validation problems (every choice reads them), "
@@ -277,9 +297,13 @@ def paired_lines(runs: dict, chosen: dict, variants: list) -> list[str]:
 
 
 def run_seconds(root: str, runs: dict) -> float:
-    """Wall time of the recorded runs: each run folder's config.yaml to its test results."""
+    """Wall time of the recorded runs: their own record, else (older records) each run folder's
+    config.yaml to its test results."""
     total = 0.0
     for key in runs:
+        if "seconds" in runs[key]:
+            total += runs[key]["seconds"]
+            continue
         folder = os.path.join(root, "compare", key)
         try:
             total += os.path.getmtime(os.path.join(folder, "test.jsonl")) - os.path.getmtime(
@@ -338,6 +362,7 @@ def protocol_facts(root: str, base, command: str, trainer_eval: dict) -> dict:
     t, s = base.teacher.model, base.student.model
     count = lambda name: sum(1 for line in open(os.path.join(root, name)) if line.strip())  # noqa: E731
     return {"command": command, "compute": "2-process torchrun, TP = 2, on this project's 2-core CPU machine",
+            "machine": machine(),
             "train_problems": count("prompts.jsonl"), "validation_problems": count("validation.jsonl"),
             "test_problems": count("held_out.jsonl"), "teacher": f"{t.num_layers} layers x {t.hidden_size}",
             "student": f"{s.num_layers} layers x {s.hidden_size}", "steps": base.schedule.steps,
@@ -381,14 +406,19 @@ def main(argv=None) -> None:
         base, task = tiny_configs(args.root, args.overrides)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
-    initialize(base.parallel, seed=0)
-    prepare(base, task)
     path = args.state or os.path.join("results", os.path.basename(args.out) + ".json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     data = json.load(open(path)) if os.path.exists(path) else {}
     data.setdefault("runs", {})
+    if "protocol" in data and data["protocol"].get("machine") != machine():
+        parser.exit(2, f"error: {path} holds runs made on {data['protocol'].get('machine', 'an unrecorded machine')}, "
+                       f"this is {machine()}: runs from two machines do not compare; pass --state and --out for "
+                       "this machine's own comparison\n")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    initialize(base.parallel, seed=0)
+    prepare(base, task)
     if "protocol" not in data:  # the models before training, on the test set (read by the report only)
-        given = sys.argv[1:] if argv is None else argv
+        # the settings that make the runs, not which of them one sitting did (--variants, --phase ...)
+        given = [*(["--root", args.root] if args.root != parser.get_default("root") else []), *args.overrides]
         command = "make compare" + (f' ARGS="{" ".join(given)}"' if given else "")
         data["protocol"] = protocol_facts(args.root, base, command, before_training(args.root, base))
     todo = [(v, lr, seeds[0]) for v in variants for lr in lrs]

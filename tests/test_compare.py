@@ -48,6 +48,12 @@ def test_shortened_compare_follows_the_protocol_and_resumes(tmp_path):
         assert [s for s, _ in r["validation"]] == [0, 1, 2, 3] and r["validation_problems"] == 6
         assert r["test_problems"] == 8 and 0 <= r["test"] <= 1 and r["response_length"] > 0
     assert data["protocol"]["validation_problems"] == 6 and data["protocol"]["test_problems"] == 8
+    from launch.compare import machine
+
+    assert data["protocol"]["machine"] == machine() and "family" in machine()  # the CPU and kernel pins
+    assert all(r["seconds"] > 0 for r in runs.values())
+    # the settings are recorded, not which rows or phases a sitting chose
+    assert data["protocol"]["command"].startswith('make compare ARGS="--root ') and "--variants" not in data["protocol"]["command"]
     table = (tmp_path / "compare.md").read_text()
     assert "| objective | lr 0.001 | lr 0.003 |" in table and table.count(" * |") == 2  # one choice a row
     rows = [line for line in table.splitlines() if line.startswith(("| OPD | 0", "| TrOPD mask | 0")) and "±" in line]
@@ -110,3 +116,15 @@ def test_paired_differences_and_the_rule_outcome():
     runs[run_key(other, 1e-3, 1)]["test"] = 0.45  # one seed the other way: the interval spans 0
     assert any("no difference shown" in line for line in paired_lines(runs, {row: 1e-3, other: 1e-3}, [row, other]))
     assert paired_lines(runs, {row: 1e-3, other: None}, [row, other]) == []  # a sweep not finished
+
+
+def test_a_state_from_another_machine_is_refused_before_anything_is_built(tmp_path):
+    """Float rounding differs by CPU model and kernel pin (docs/results.md): runs made elsewhere
+    must not be resumed, paired or tabled with this machine's."""
+    from launch.compare import main
+
+    state = tmp_path / "compare.json"
+    state.write_text(json.dumps({"runs": {}, "protocol": {"machine": "Some other CPU (family 1 model 2), kernels x"}}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--root", str(tmp_path / "demo"), "--state", str(state), "--out", str(tmp_path / "compare")])
+    assert exit_.value.code == 2 and not (tmp_path / "demo").exists()
