@@ -53,7 +53,8 @@ def test_shortened_compare_follows_the_protocol_and_resumes(tmp_path):
     assert data["protocol"]["machine"] == machine() and "family" in machine()  # the CPU and kernel pins
     assert all(r["seconds"] > 0 for r in runs.values())
     # the settings are recorded, not which rows or phases a sitting chose
-    assert data["protocol"]["command"].startswith('make compare ARGS="--root ') and "--variants" not in data["protocol"]["command"]
+    command = data["protocol"]["command"]
+    assert command.startswith('make compare ARGS="--root ') and "--variants" not in command
     table = (tmp_path / "compare.md").read_text()
     assert "| objective | lr 0.001 | lr 0.003 |" in table and table.count(" * |") == 2  # one choice a row
     rows = [line for line in table.splitlines() if line.startswith(("| OPD | 0", "| TrOPD mask | 0")) and "±" in line]
