@@ -22,8 +22,8 @@ install: $(VENV)/.installed
 # Then the layout- and engine-parity tests again with the kernels pinned to AVX2 (the rounding
 # of CPUs without AVX-512, such as many AMD EPYCs): a comparison that holds on one CPU model
 # only fails here rather than on the next machine (~3 minutes).
-PARITY_TESTS := tests/test_distributed_optimizer.py tests/test_megatron_step.py tests/test_packing.py \
-	tests/test_generation.py
+PARITY_TESTS := tests/megatron/test_distributed_optimizer.py tests/megatron/test_megatron_step.py tests/megatron/test_packing.py \
+	tests/megatron/test_generation.py
 test: install
 	$(PY) -m pytest -q tests
 	$(PINNED_ISA) $(PY) -m pytest -q $(PARITY_TESTS)
@@ -101,7 +101,7 @@ test-gpu:
 	$(GPU_PYTHON) -c "import torch; \
 		print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
 	# TE runs fp32 GEMMs in TF32 whatever torch.backends says: the fp32 parity checks need it off
-	NVIDIA_TF32_OVERRIDE=0 $(GPU_PYTHON) -m pytest -q -rs -m gpu tests/test_gpu.py
+	NVIDIA_TF32_OVERRIDE=0 $(GPU_PYTHON) -m pytest -q -rs -m gpu tests/megatron/test_gpu.py
 	$(GPU_PYTHON) -m torch.distributed.run --nproc-per-node 1 bench/losses.py --tokens 8192 --vocab 131072 \
 		--dtype bf16 --markdown $(GPU_OUT)/losses.md
 	$(GPU_PYTHON) -m torch.distributed.run --nproc-per-node 1 bench/rollout.py --layers 16 --hidden 2048 \

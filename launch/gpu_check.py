@@ -5,7 +5,7 @@
 Steps, each in its own process with its own time limit (about 10 minutes in all on one H200):
 1. the machine: device, torch / CUDA / megatron-core versions, what was detected
    (TransformerEngine, flash-attn, FA3) and what the pinned stack (gpu-requirements.txt) lacks;
-2. ``tests/test_gpu.py`` with TF32 off (TE runs fp32 GEMMs in TF32 whatever torch says);
+2. ``tests/megatron/test_gpu.py`` with TF32 off (TE runs fp32 GEMMs in TF32 whatever torch says);
 3. ``bench/rollout.py`` in bf16: both engines' speed and their greedy agreement;
 4. ``bench/step.py`` in bf16: packed vs padded micro-batches (time, memory, the same loss);
 5. two training iterations of the tiny recipe in bf16 (random weights): each phase's time, the
@@ -121,8 +121,8 @@ def steps(folder: str) -> list[Step]:
                f"training_split, write_task_files; c = TinyTaskConfig(); write_task_files({task!r}, c, TEMPLATE, "
                "training_split(c))")
     return [
-        Step("tests/test_gpu.py (TF32 off)", [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu",
-                                              "tests/test_gpu.py"], 240, {"NVIDIA_TF32_OVERRIDE": "0"}),
+        Step("tests/megatron/test_gpu.py (TF32 off)", [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu",
+                                              "tests/megatron/test_gpu.py"], 240, {"NVIDIA_TF32_OVERRIDE": "0"}),
         Step("bench/rollout.py, bf16", torchrun + ["bench/rollout.py", "--dtype", "bf16", "--layers", "8", "--hidden",
                                                    "1024", "--median", "256", "--prompt-tokens", "256",
                                                    "--markdown", f"{folder}/rollout.md"], 120,

@@ -150,13 +150,13 @@ def test_problems(trainer: Trainer, root: Path) -> list:
     return load_problems(replace(trainer.cfg.data, path=str(root / "test.jsonl")), trainer.encode)
 
 
-def held_out(trainer: Trainer, generator, root: Path, seed: int, results: str | None) -> dict:
-    """avg@1 of ``generator`` on the test split and the student's divergence from the teacher."""
+def held_out(trainer: Trainer, root: Path, seed: int, results: str | None) -> dict:
+    """The student's avg@1 on the test split and its divergence from the teacher."""
     cfg = trainer.cfg
     test = test_problems(trainer, root)
     budget = cfg.rollout.sampling.max_new_tokens
-    accuracy = evaluate(generator, test, trainer.tokenizer.decode, max_new_tokens=budget, seed=seed, progress=False,
-                        results_path=results).avg_at_n
+    accuracy = evaluate(trainer.student_generator, test, trainer.tokenizer.decode, max_new_tokens=budget, seed=seed,
+                        progress=False, results_path=results).avg_at_n
     divergence = divergence_to_teacher(trainer.student_generator, trainer.student.model.module, trainer.teacher,
                                        [p.token_ids for p in test], vocab_size=trainer.tokenizer.vocab_size,
                                        max_new_tokens=budget, eos_id=trainer.tokenizer.eos_id, seed=seed)
@@ -166,7 +166,7 @@ def held_out(trainer: Trainer, generator, root: Path, seed: int, results: str | 
 def before_training(root: Path, overrides: list) -> dict:
     """The models as they start: teacher and student test avg@1, the student's divergence."""
     trainer = Trainer(config(root, "before_training", overrides))
-    student = held_out(trainer, trainer.student_generator, root, 0, str(root / "compare/before_training/student.jsonl"))
+    student = held_out(trainer, root, 0, str(root / "compare/before_training/student.jsonl"))
     cfg = trainer.cfg
     budget = cfg.rollout.sampling.max_new_tokens
     # the trainer's teacher generator is sized for prefixes; this one for whole responses
@@ -186,7 +186,7 @@ def run_one(root: Path, variant: str, lr: float, seed: int, overrides: list) -> 
     cfg_overrides = [*VARIANTS[variant], f"optim.lr={lr}", f"optim.min_lr={lr / 10}", f"schedule.seed={seed}", *overrides]
     trainer = Trainer(config(root, key, cfg_overrides))
     history = trainer.run().eval
-    record = held_out(trainer, trainer.student_generator, root, seed, str(root / "compare" / key / "test.jsonl"))
+    record = held_out(trainer, root, seed, str(root / "compare" / key / "test.jsonl"))
     steps = list(read_metrics(trainer.cfg.checkpoint.dir).values()) if logging_rank() else []
     return {"key": key, "variant": variant, "lr": lr, "seed": seed, **record,
             "validation": [(e["step"], e["avg_at_n"]) for e in history],

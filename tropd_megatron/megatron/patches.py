@@ -2,7 +2,7 @@
 
 ``patch`` checks that the attribute exists before replacing it (assigning an attribute never
 fails, so a rename upstream would otherwise turn the patch into a silent no-op) and records it
-with its reason in ``PATCHES``, which the tests walk (tests/test_architecture.py). The CPU
+with its reason in ``PATCHES``, which the tests walk (tests/config/test_architecture.py). The CPU
 stand-ins (``cpu.py``) and the static engine's progress bar (``engines.py``) go through it; a
 patch scoped to one call keeps the original in hand and puts it back (checkpoint.py's
 ``_steps_kept_while_loading``, which fails at once if the method is renamed).
