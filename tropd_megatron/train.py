@@ -77,17 +77,22 @@ class TrainerState:
     """What a checkpoint holds beside the weights, the optimizer and the LR schedule: written
     whole by ``Trainer.save`` and read back whole on resume (one schema for both)."""
 
+    step: int = 0  # updates done; saved as the checkpoint's own step
     data: dict = field(default_factory=dict)  # the prompt stream's position
     eval: list = field(default_factory=list)  # every evaluation's result
     skipped_steps: list = field(default_factory=list)  # steps whose update was skipped
     spike_norms: list = field(default_factory=list)  # the spike guard's history
     config: dict = field(default_factory=dict)  # the run's settings, flattened (resume conflicts)
 
+    def to_checkpoint(self) -> dict:
+        """The checkpoint's trainer entry (the step goes to the checkpoint's own field)."""
+        return {k: v for k, v in asdict(self).items() if k != "step"}
+
     @classmethod
-    def from_checkpoint(cls, saved: dict) -> "TrainerState":
-        """A checkpoint's state; one written before this schema kept eval and skipped steps
-        under "history"."""
-        saved = {**saved, **saved.get("history", {})}
+    def from_checkpoint(cls, metadata: dict) -> "TrainerState":
+        """The state in a checkpoint's metadata (``checkpoint_metadata``); a checkpoint written
+        before this schema kept eval and skipped steps under "history"."""
+        saved = {**metadata["trainer"], **metadata["trainer"].get("history", {}), "step": metadata["step"]}
         return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
@@ -165,16 +170,16 @@ class Trainer:
         self.student = build_student(student_model, cfg.parallel, cfg.optim, cfg.schedule.steps)
         self.encode = encode = prompt_encoder(self.tokenizer, cfg.data.chat_template)  # prompt text -> token ids
         self.prompts = PromptStream(cfg.data, encode)
-        self.step, self.state = 0, TrainerState()
+        self.state = TrainerState()
         resume = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
         if resume is not None:
-            saved = TrainerState.from_checkpoint(checkpoint_metadata(resume)["trainer"])
+            # read before any weight loads, so that a conflicting run changes nothing
+            saved = TrainerState.from_checkpoint(checkpoint_metadata(resume))
             conflicts = resume_conflicts(saved.config, cfg)
             if conflicts:
                 raise ConfigError(f"{resume} was written by a run with other settings; use another checkpoint.dir "
                                  "(or delete it) to start afresh:\n  " + "\n  ".join(conflicts))
-            self.step = load_checkpoint(resume, self.student.model.module, self.student.optimizer,
-                                        self.student.scheduler)["step"]
+            load_checkpoint(resume, self.student.model.module, self.student.optimizer, self.student.scheduler)
             self.restore(saved)
             logger.info(f"resumed from {resume} at step {self.step}")
         else:
@@ -213,6 +218,10 @@ class Trainer:
         self.metrics = MetricsWriter(cfg.checkpoint.dir, cfg.logging.tensorboard_dir, cfg.logging.wandb, cfg.name,
                                      flatten(cfg))
 
+    @property
+    def step(self) -> int:
+        return self.state.step
+
     def snapshot(self) -> TrainerState:
         """The run's state as a checkpoint holds it."""
         guard = self.student.spike_guard
@@ -241,7 +250,7 @@ class Trainer:
 
     def save(self) -> None:
         save_checkpoint(self.cfg.checkpoint.dir, self.step, self.student.model.module, self.student.optimizer,
-                        self.student.scheduler, trainer_state=asdict(self.snapshot()),
+                        self.student.scheduler, trainer_state=self.snapshot().to_checkpoint(),
                         optimizer_format=self.cfg.checkpoint.optimizer_format,
                         keep_last=self.cfg.checkpoint.keep_last, keep_every=self.cfg.checkpoint.keep_every)
 
@@ -280,7 +289,7 @@ class Trainer:
             while self.step < cfg.schedule.steps:
                 result = run_iteration(self.student, self.teacher, self.student_generator, self.teacher_generator,
                                        self.prompts, self.iteration, self.step)
-                self.step += 1
+                self.state.step += 1
                 if result.step.skipped:
                     self.state.skipped_steps.append(self.step)
                 metrics = dict(result.metrics, lr=result.step.lr, grad_norm=result.step.grad_norm,

@@ -163,3 +163,18 @@ def test_a_bug_keeps_its_traceback():
     assert run_main(lambda argv: None) == 0
     with pytest.raises(ValueError, match="an internal invariant"):
         run_main(raising(ValueError("an internal invariant")))
+
+
+def test_the_trainer_state_and_the_checkpoint_are_one_schema():
+    """What ``Trainer.save`` writes is what a resume reads, the step included (kept once, in
+    the checkpoint's own field); a checkpoint from before the schema (eval and skipped steps
+    under "history", no step in the trainer entry) reads too."""
+    from tropd_megatron.train import TrainerState
+
+    state = TrainerState(step=7, data={"epoch": 1, "position": 3}, eval=[{"step": 0, "avg_at_n": 0.5}],
+                         skipped_steps=[4], spike_norms=[1.0, 2.0], config={"schedule.steps": 9})
+    entry = state.to_checkpoint()
+    assert "step" not in entry
+    assert TrainerState.from_checkpoint({"step": 7, "trainer": json.loads(json.dumps(entry))}) == state
+    old = {"step": 3, "trainer": {"data": {}, "history": {"eval": [{"step": 0}], "skipped_steps": [2]}}}
+    assert TrainerState.from_checkpoint(old) == TrainerState(step=3, eval=[{"step": 0}], skipped_steps=[2])
