@@ -523,17 +523,26 @@ def test_a_checkpoint_of_the_other_layer_kind_is_refused_by_name(initial, tmp_pa
     import json
     import shutil
 
-    from tropd_megatron.megatron.checkpoint import TRAINER_STATE
+    from tropd_megatron.megatron.checkpoint import METADATA
 
     source = os.path.join(initial, "student", "step_00000000")
-    assert json.load(open(os.path.join(source, TRAINER_STATE)))["layers"] == "local"  # this CPU machine
+    assert json.load(open(os.path.join(source, METADATA)))["layers"] == "local"  # this CPU machine
     copy = tmp_path / "step_00000000"
     shutil.copytree(source, copy)
-    meta = json.load(open(copy / TRAINER_STATE))
-    (copy / TRAINER_STATE).write_text(json.dumps({**meta, "layers": "transformer_engine"}))
+    meta = json.load(open(copy / METADATA))
+    (copy / METADATA).write_text(json.dumps({**meta, "layers": "transformer_engine"}))
     message = run_workers(_layers_worker, 1, str(copy))[0]
     assert "was written with transformer_engine layers and this run builds local ones" in message
     assert "launch.export" in message
     del meta["layers"]  # a checkpoint from before the record loads as before
-    (copy / TRAINER_STATE).write_text(json.dumps(meta))
+    (copy / METADATA).write_text(json.dumps(meta))
     assert run_workers(_layers_worker, 1, str(copy))[0] == "loaded"
+    from tropd_megatron.megatron.checkpoint import LEGACY_METADATA, checkpoint_metadata, latest_checkpoint
+
+    (copy / METADATA).rename(copy / LEGACY_METADATA)  # the file's name before 2026-12-03
+    (tmp_path / "latest").write_text(copy.name)
+    assert latest_checkpoint(tmp_path) == copy and checkpoint_metadata(copy) == meta
+    assert run_workers(_layers_worker, 1, str(copy))[0] == "loaded"
+    (copy / LEGACY_METADATA).unlink()  # neither name: incomplete
+    with pytest.raises(FileNotFoundError, match="missing or incomplete"):
+        latest_checkpoint(tmp_path)

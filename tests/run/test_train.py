@@ -45,7 +45,7 @@ def test_two_steps_at_tp2_leave_checkpoint_eval_and_logs(tmp_path):
         assert wandb[step]["train/loss"] == record["loss"] and wandb[step]["time/total"] == record["seconds"]["total"]
     assert "eval/avg@1" in wandb[0] and "eval/avg@1" in wandb[2]
     assert (tmp_path / "run" / "latest").read_text() == "step_00000002"
-    trainer_state = json.loads((tmp_path / "run" / "step_00000002" / "trainer.json").read_text())["trainer"]
+    trainer_state = json.loads((tmp_path / "run" / "step_00000002" / "checkpoint.json").read_text())["trainer"]
     assert len(trainer_state["spike_norms"]) == 2  # the spike guard's history resumes with the run
     assert list(read_metrics(tmp_path / "run")) == [1, 2]
     for step in (0, 2):

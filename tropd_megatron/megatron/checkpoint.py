@@ -1,7 +1,7 @@
 """Checkpoints with Megatron's dist_checkpointing: loadable at another TP / PP layout.
 
 Layout under a run's checkpoint root:
-    step_00000012/        model + optimizer shards, trainer.json, rng_rank*.pt
+    step_00000012/        model + optimizer shards, checkpoint.json, rng_rank*.pt
     .incomplete_step_*/   a save in progress (or killed): never read
     .deleting_step_*/     an old checkpoint being deleted (``keep_last``): never read
     latest                the name of the newest complete checkpoint, replaced last
@@ -32,7 +32,9 @@ from ..run_config import OPTIMIZER_FORMATS
 from .. import ConfigError
 
 LATEST = "latest"
-TRAINER_STATE = "trainer.json"
+# step, layout, LR schedule, the trainer's state; written last (not metadata.json: dist_checkpointing's own)
+METADATA = "checkpoint.json"
+LEGACY_METADATA = "trainer.json"  # its name in checkpoints written before 2026-12-03, still read
 
 
 def _fsync_dir(path: Path) -> None:
@@ -175,7 +177,7 @@ def save_checkpoint(root, step: int, model, optimizer=None, scheduler=None, trai
                 "optimizer_format": optimizer_format, "trainer": trainer_state or {}}
         if scheduler is not None:
             meta["scheduler"] = scheduler.state_dict()
-        _write_atomic(partial / TRAINER_STATE, json.dumps(meta, indent=1))
+        _write_atomic(partial / METADATA, json.dumps(meta, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.rename(partial, final)
@@ -219,16 +221,21 @@ def latest_checkpoint(root) -> Optional[Path]:
     if not pointer.exists():
         return None
     path = Path(root) / pointer.read_text().strip()
-    if not (path / TRAINER_STATE).exists():
+    if _metadata_file(path) is None:
         raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete")
     return path
 
 
+def _metadata_file(path) -> Optional[Path]:
+    """A complete checkpoint's metadata file (either name), None for an incomplete one."""
+    return next((Path(path) / name for name in (METADATA, LEGACY_METADATA) if (Path(path) / name).exists()), None)
+
+
 def checkpoint_metadata(path) -> dict:
     """A complete checkpoint's metadata (step, world size, trainer state) without loading it."""
-    meta_file = Path(path) / TRAINER_STATE
-    if not meta_file.exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
+    meta_file = _metadata_file(path)
+    if meta_file is None:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {METADATA})")
     return json.loads(meta_file.read_text())
 
 
