@@ -177,9 +177,10 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
              f"{protocol['steps']} steps of {protocol['prompts_per_step']} prompts x {protocol['rollouts']} rollouts, "
              "cosine decay from lr to lr / 10, each objective at its defaults (TrOPD top-k "
              f"{protocol['topk']}), greedy avg@1 on validation every {protocol['eval_every']} steps.",
-             f"- Learning rate: a sweep over {', '.join(f'{lr:g}' for lr in lrs)} at seed 0; chosen: the highest mean "
-             f"validation avg@1 over the last {SELECTION_EVALS} evaluations, rounded to a count of right answers (a "
-             "tie is a tie and goes to the smaller rate).",
+             (f"- Learning rate: a sweep over {', '.join(f'{lr:g}' for lr in lrs)} at seed 0; chosen: the highest mean "
+              f"validation avg@1 over the last {SELECTION_EVALS} evaluations, rounded to a count of right answers (a "
+              "tie is a tie and goes to the smaller rate)." if len(lrs) > 1 else
+              f"- Learning rate: {lrs[0]:g} for every row, given (--lrs), not swept here."),
              f"- At the chosen rate: seeds {', '.join(map(str, seeds))} (seed 0 is the sweep's run); reported: test "
              "avg@1 mean, sd and 95% interval (Student's t), the final response length and stopped fraction "
              "(means over the last 10 steps).",
@@ -192,13 +193,12 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
              "fixed and the dip shows in the curves. The intervals cover seed-to-seed variation on one machine, "
              "not machine-to-machine: float rounding differs by CPU model, and the demo's student (same code, "
              "seed and kernel pins) ended at 0.270 on an AMD EPYC and 0.347 on an Intel Xeon (docs/results.md).",
-             "- Rows added later (exact reverse KL, dense forward KL, top-k forward KL, OPD + top-k forward KL, "
-             "the random-mask control) go through the same protocol, with seeds "
+             "- Extra seeds at the chosen rate for the rows the decision rule compares most closely: "
              + "; ".join(f"{', '.join(map(str, s))} also for {v}" for v, s in EXTRA_SEEDS.items()) + ". "
              + DECISION_RULE, "",
              "## Learning-rate sweep (seed 0, validation avg@1, mean of the last evaluations; * chosen)", "",
              *sweep_table(runs, variants, lrs, seeds[0], chosen, "objective")]
-    edge = [f"{v} ({chosen[v]:g})" for v in variants if chosen[v] in (min(lrs), max(lrs))]
+    edge = [f"{v} ({chosen[v]:g})" for v in variants if len(lrs) > 1 and chosen[v] in (min(lrs), max(lrs))]
     if edge:
         lines += ["", "Chosen at an end of the sweep, so a rate beyond it was not tried: " + ", ".join(edge) + "."]
     lines += ["", "## Test avg@1 at each objective's chosen rate", "",
@@ -244,7 +244,7 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
     seconds = run_seconds(root, runs)
     if seconds:
         lines += ["", f"Compute: {len(runs)} runs, {seconds / 3600:.1f} hours of wall time on this machine (each "
-                      "run's folder, first file to last)."]
+                      "run's training and test evaluation)."]
     lines += ["", "## The paper's ablation chain", "",
               "| step | row | here: test avg@1 (mean ± sd) | paper: math average |", "|---|---|---:|---:|"]
     for step, row, paper in PAPER_ABLATION:
@@ -393,7 +393,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/demo", help="the demo's task files and models")
     add_study_arguments(parser, VARIANTS, LEARNING_RATES, SEEDS)
-    parser.add_argument("--phase", choices=("all", "sweep"), default="all", help="sweep: only the learning-rate runs")
+    parser.add_argument("--phase", choices=("all", "sweep", "report"), default="all",
+                        help="sweep: only the learning-rate runs; report: no runs, the report of the recorded rows")
     parser.add_argument("--no-extra-seeds", action="store_true",
                         help=f"skip the decision rule's extra seeds ({EXTRA_SEEDS})")
     parser.add_argument("--out", default="docs/compare", help="writes the report OUT.md and its curves OUT.png")
@@ -409,16 +410,24 @@ def main(argv=None) -> None:
     path = args.state or os.path.join("results", os.path.basename(args.out) + ".json")
     data = json.load(open(path)) if os.path.exists(path) else {}
     data.setdefault("runs", {})
+    if args.phase == "report":  # every recorded row of the chosen ones, from the state alone
+        recorded = [v for v in variants if any(r["variant"] == v for r in data["runs"].values())]
+        if not recorded:
+            parser.exit(2, f"error: {path} holds no run of {', '.join(variants)}\n" if os.path.exists(path)
+                        else f"error: no state file {path} (--state)\n")
+        print(report(data, args.out, recorded, lrs, seeds, args.root), flush=True)
+        return
     if "protocol" in data and data["protocol"].get("machine") != machine():
         parser.exit(2, f"error: {path} holds runs made on {data['protocol'].get('machine', 'an unrecorded machine')}, "
-                       f"this is {machine()}: runs from two machines do not compare; pass --state and --out for "
-                       "this machine's own comparison\n")
+                       f"this is {machine()}: runs from two machines (or kernel pins: `make compare` sets them) do not "
+                       "compare; pass --state and --out for this machine's own comparison\n")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     initialize(base.parallel, seed=0)
     prepare(base, task)
     if "protocol" not in data:  # the models before training, on the test set (read by the report only)
         # the settings that make the runs, not which of them one sitting did (--variants, --phase ...)
-        given = [*(["--root", args.root] if args.root != parser.get_default("root") else []), *args.overrides]
+        given = [f"--{name} {getattr(args, name)}" for name in ("root", "lrs", "seeds")
+                 if getattr(args, name) != parser.get_default(name)] + args.overrides
         command = "make compare" + (f' ARGS="{" ".join(given)}"' if given else "")
         data["protocol"] = protocol_facts(args.root, base, command, before_training(args.root, base))
     todo = [(v, lr, seeds[0]) for v in variants for lr in lrs]

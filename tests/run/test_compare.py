@@ -56,6 +56,7 @@ def test_shortened_compare_follows_the_protocol_and_resumes(tmp_path):
     # the settings are recorded, not which rows or phases a sitting chose
     command = data["protocol"]["command"]
     assert command.startswith('make compare ARGS="--root ') and "--variants" not in command
+    assert "--lrs 1e-3,3e-3 --seeds 0,1 task.teacher_sft_steps=4" in command
     table = (tmp_path / "compare.md").read_text()
     assert "| objective | lr 0.001 | lr 0.003 |" in table and table.count(" * |") == 2  # one choice a row
     rows = [line for line in table.splitlines() if line.startswith(("| OPD | 0", "| TrOPD mask | 0")) and "±" in line]
@@ -67,6 +68,15 @@ def test_shortened_compare_follows_the_protocol_and_resumes(tmp_path):
     second = run_compare(tmp_path)  # every run is on record: none is trained or even resumed
     assert second.returncode == 0, second.stderr[-3000:]
     assert "== " not in second.stderr and json.loads((tmp_path / "compare.json").read_text()) == data
+    # the report of the recorded rows alone, from the state: no model, no process group
+    from launch.compare import main
+
+    main(["--phase", "report", "--variants", "OPD,TrOPD clip", "--lrs", "1e-3,3e-3", "--seeds", "0,1",
+          "--state", str(tmp_path / "compare.json"), "--out", str(tmp_path / "opd")])
+    alone = (tmp_path / "opd.md").read_text()
+    assert not any(line.startswith(("| TrOPD clip |", "| TrOPD mask |")) for line in alone.splitlines())
+    opd_rows = [[line for line in text.splitlines() if line.startswith("| OPD |")] for text in (alone, table)]
+    assert opd_rows[0] == opd_rows[1] and len(opd_rows[0]) == 3  # sweep, test and ablation rows, as in the full report
 
 
 NEW_ROWS = ("exact reverse KL", "dense forward KL", "top-k forward KL", "OPD + top-k forward KL",

@@ -197,6 +197,7 @@ class Generator:
         build = dynamic_engine if self.engine_config.name == "dynamic" else static_engine
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the engines' own deprecation notices
+            # seed=1 seeds nothing that is used: every generate() reseeds sampling from its own seed
             self._engine, self._controller = build(
                 self.model, self._spec(), tokenizer=_IdTokenizer(self.eos_id, self.config.vocab_size), seed=1)
 
