@@ -193,9 +193,7 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
              "fixed and the dip shows in the curves. The intervals cover seed-to-seed variation on one machine, "
              "not machine-to-machine: float rounding differs by CPU model, and the demo's student (same code, "
              "seed and kernel pins) ended at 0.270 on an AMD EPYC and 0.347 on an Intel Xeon (docs/results.md).",
-             "- Extra seeds at the chosen rate for the rows the decision rule compares most closely: "
-             + "; ".join(f"{', '.join(map(str, s))} also for {v}" for v, s in EXTRA_SEEDS.items()) + ". "
-             + DECISION_RULE, "",
+             *rule_lines(runs, chosen, variants), "",
              "## Learning-rate sweep (seed 0, validation avg@1, mean of the last evaluations; * chosen)", "",
              *sweep_table(runs, variants, lrs, seeds[0], chosen, "objective")]
     edge = [f"{v} ({chosen[v]:g})" for v in variants if len(lrs) > 1 and chosen[v] in (min(lrs), max(lrs))]
@@ -256,6 +254,17 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
     os.replace(out + ".md.tmp", out + ".md")
     plot(runs, chosen, seeds, out + ".png")
     return text
+
+
+def rule_lines(runs: dict, chosen: dict, variants: list) -> list[str]:
+    """The decision rule, where one of its pairs is among the rows, with the extra seeds on record."""
+    if not any(row in variants and other in variants for row, other in PAIRED):
+        return []
+    extra = {v: [s for s in seeds if chosen[v] is not None and run_key(v, chosen[v], s) in runs]
+             for v, seeds in EXTRA_SEEDS.items() if v in variants}
+    told = "; ".join(f"{', '.join(map(str, s))} also for {v}" for v, s in extra.items() if s)
+    return [("- Extra seeds at the chosen rate for the rows the decision rule compares most closely: " + told + ". "
+             if told else "- ") + DECISION_RULE]
 
 
 def sweep_table(runs: dict, variants: list, lrs, seed: int, chosen: dict, first_column: str,

@@ -140,3 +140,15 @@ def test_a_state_from_another_machine_is_refused_before_anything_is_built(tmp_pa
     with pytest.raises(SystemExit) as exit_:
         main(["--root", str(tmp_path / "demo"), "--state", str(state), "--out", str(tmp_path / "compare")])
     assert exit_.value.code == 2 and not (tmp_path / "demo").exists()
+
+
+def test_the_rule_is_stated_with_the_extra_seeds_on_record():
+    from launch.compare import DECISION_RULE, rule_lines, run_key
+
+    runs = {run_key("TrOPD fkl", 1e-3, s): {} for s in (0, 1, 2, 3, 4)}
+    chosen = {"TrOPD fkl": 1e-3, "top-k forward KL": 1e-3, "OPD": 1e-3}
+    lines = rule_lines(runs, chosen, ["TrOPD fkl", "top-k forward KL"])
+    assert lines == ["- Extra seeds at the chosen rate for the rows the decision rule compares most closely: "
+                     "3, 4 also for TrOPD fkl. " + DECISION_RULE]
+    assert rule_lines({}, chosen, ["TrOPD fkl", "top-k forward KL"]) == ["- " + DECISION_RULE]  # none run (yet)
+    assert rule_lines(runs, chosen, ["TrOPD fkl", "OPD"]) == []  # no pair of the rule among the rows
