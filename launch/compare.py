@@ -16,8 +16,10 @@ A seed sets the data order, the rollouts' sampling and the trust mask.
 
 Each run keeps its checkpoints under ROOT/compare/<run>, and every finished run's results go
 into the state file (results/compare.json) at once, so the comparison resumes where it
-stopped, across sittings, and a finished run is never repeated. Writes OUT.md (tables) and
-OUT.png (curves).
+stopped, across sittings, and a finished run is never repeated. A state holds one machine
+(CPU model and kernel pins, recorded): resuming it elsewhere is refused, since float rounding
+differs by CPU model. Writes OUT.md (tables) and OUT.png (curves); ``--phase report`` writes
+them from the state alone.
 """
 import argparse
 import json
