@@ -437,7 +437,7 @@ def main(argv=None) -> None:
     prepare(base, task)
     if "protocol" not in data:  # the models before training, on the test set (read by the report only)
         # the settings that make the runs, not which of them one sitting did (--variants, --phase ...)
-        given = [f"--{name} {getattr(args, name)}" for name in ("root", "lrs", "seeds")
+        given = [f"--{name} {getattr(args, name)}" for name in ("root", "out", "state", "lrs", "seeds")
                  if getattr(args, name) != parser.get_default(name)] + args.overrides
         command = "make compare" + (f' ARGS="{" ".join(given)}"' if given else "")
         data["protocol"] = protocol_facts(args.root, base, command, before_training(args.root, base))

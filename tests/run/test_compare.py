@@ -56,7 +56,7 @@ def test_shortened_compare_follows_the_protocol_and_resumes(tmp_path):
     # the settings are recorded, not which rows or phases a sitting chose
     command = data["protocol"]["command"]
     assert command.startswith('make compare ARGS="--root ') and "--variants" not in command
-    assert "--lrs 1e-3,3e-3 --seeds 0,1 task.teacher_sft_steps=4" in command
+    assert "--lrs 1e-3,3e-3 --seeds 0,1 task.teacher_sft_steps=4" in command and f"--out {tmp_path / 'compare'} " in command
     table = (tmp_path / "compare.md").read_text()
     assert "| objective | lr 0.001 | lr 0.003 |" in table and table.count(" * |") == 2  # one choice a row
     rows = [line for line in table.splitlines() if line.startswith(("| OPD | 0", "| TrOPD mask | 0")) and "±" in line]
