@@ -106,12 +106,15 @@ def run_one(root: str, variant: str, lr: float, seed: int, overrides: list) -> d
     test = load_problems(replace(cfg.data, path=f"{root}/held_out.jsonl"), trainer.encode)
     result = evaluate(trainer.student_generator, test, trainer.tokenizer.decode, max_new_tokens=cfg.eval_max_new_tokens(),
                       seed=seed, progress=False, results_path=os.path.join(folder, "test.jsonl"))
-    last = list(read_metrics(folder).values())[-10:] if logging_rank() else []
+    metrics = list(read_metrics(folder).values()) if logging_rank() else []
+    first, last = metrics[:10], metrics[-10:]
     return {"key": key, "variant": variant, "lr": lr, "seed": seed, "steps": cfg.schedule.steps,
             "validation": [(e["step"], e["avg_at_n"]) for e in history], "test": result.avg_at_n,
             "test_problems": result.problems, "validation_problems": history[-1]["problems"],
             "response_length": statistics.fmean(m["response_length"] for m in last) if last else None,
             "stopped_fraction": statistics.fmean(m["stopped_fraction"] for m in last) if last else None,
+            # how much the teacher leaves open on the student's samples: the room between objectives
+            "teacher_entropy": statistics.fmean(m["teacher_entropy"] for m in first) if first else None,
             "seconds": round(time.monotonic() - start)}  # this sitting's share, when the run resumed
 
 
@@ -203,7 +206,7 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
         lines += ["", "Chosen at an end of the sweep, so a rate beyond it was not tried: " + ", ".join(edge) + "."]
     lines += ["", "## Test avg@1 at each objective's chosen rate", "",
               f"Before training the student scores {protocol['student_before_test']:.3f} on the test set and the "
-              f"teacher {protocol['teacher_test']:.3f}.", "",
+              f"teacher {protocol['teacher_test']:.3f}.{teacher_entropy_line(runs)}", "",
               "| objective | lr | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | 95% interval | "
               "response length | stopped fraction |", "|---|---:|" + "---:|" * (len(seeds) + 4)]
     summary = {}
@@ -305,6 +308,16 @@ def paired_lines(runs: dict, chosen: dict, variants: list) -> list[str]:
         return []
     return ["", "## The decision rule's pairs (test avg@1, paired by seed)", "",
             "| difference | seeds | per seed | mean | 95% interval | outcome |", "|---|---|---|---:|---:|---|", *lines]
+
+
+def teacher_entropy_line(runs: dict) -> str:
+    """The teacher's mean entropy on the student's samples over each run's first 10 steps, over
+    the runs that recorded it ('' when none did)."""
+    values = [r["teacher_entropy"] for r in runs.values() if r.get("teacher_entropy") is not None]
+    if not values:
+        return ""
+    return (f" The teacher's mean entropy on the student's samples, over each run's first 10 steps: "
+            f"{statistics.fmean(values):.3f} nats (mean of {len(values)} runs; range {min(values):.3f}-{max(values):.3f}).")
 
 
 def run_seconds(root: str, runs: dict) -> float:

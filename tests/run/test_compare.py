@@ -48,6 +48,7 @@ def test_shortened_compare_follows_the_protocol_and_resumes(tmp_path):
     for r in runs.values():
         assert [s for s, _ in r["validation"]] == [0, 1, 2, 3] and r["validation_problems"] == 6
         assert r["test_problems"] == 8 and 0 <= r["test"] <= 1 and r["response_length"] > 0
+        assert r["teacher_entropy"] > 0  # the room the teacher leaves, a report line of its own
     assert data["protocol"]["validation_problems"] == 6 and data["protocol"]["test_problems"] == 8
     from launch.compare import machine
 
@@ -63,6 +64,7 @@ def test_shortened_compare_follows_the_protocol_and_resumes(tmp_path):
     assert len(rows) == 2 and all("[" in row for row in rows)  # mean ± sd and the 95% interval
     assert "| + trust-region mask | TrOPD mask |" in table and "47.72" in table
     assert "Chosen at an end of the sweep, so a rate beyond it was not tried: OPD (" in table  # 2 rates: both ends
+    assert "The teacher's mean entropy on the student's samples, over each run's first 10 steps: " in table
     assert "- Highest mean: " in table and "Intervals entirely above OPD's:" in table and "Compute: 6 runs" in table
     assert (tmp_path / "compare.png").stat().st_size > 1000
     second = run_compare(tmp_path)  # every run is on record: none is trained or even resumed
