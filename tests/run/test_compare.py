@@ -154,3 +154,4 @@ def test_the_rule_is_stated_with_the_extra_seeds_on_record():
                      "3, 4 also for TrOPD fkl. " + DECISION_RULE]
     assert rule_lines({}, chosen, ["TrOPD fkl", "top-k forward KL"]) == ["- " + DECISION_RULE]  # none run (yet)
     assert rule_lines(runs, chosen, ["TrOPD fkl", "OPD"]) == []  # no pair of the rule among the rows
+    assert rule_lines(runs, chosen, ["exact reverse KL", "OPD"]) == []  # a pair reported, not one of the rule's
