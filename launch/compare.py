@@ -109,14 +109,15 @@ def run_one(root: str, variant: str, lr: float, seed: int, overrides: list) -> d
     result = evaluate(trainer.student_generator, test, trainer.tokenizer.decode, max_new_tokens=cfg.eval_max_new_tokens(),
                       seed=seed, progress=False, results_path=os.path.join(folder, "test.jsonl"))
     metrics = list(read_metrics(folder).values()) if logging_rank() else []
-    first, last = metrics[:10], metrics[-10:]
+    last = metrics[-10:]
     return {"key": key, "variant": variant, "lr": lr, "seed": seed, "steps": cfg.schedule.steps,
             "validation": [(e["step"], e["avg_at_n"]) for e in history], "test": result.avg_at_n,
             "test_problems": result.problems, "validation_problems": history[-1]["problems"],
             "response_length": statistics.fmean(m["response_length"] for m in last) if last else None,
             "stopped_fraction": statistics.fmean(m["stopped_fraction"] for m in last) if last else None,
-            # how much the teacher leaves open on the student's samples: the room between objectives
-            "teacher_entropy": statistics.fmean(m["teacher_entropy"] for m in first) if first else None,
+            # how much the teacher leaves open on the SFT student's samples (the first step's, before
+            # any update, so that no objective's instability enters it): the room between objectives
+            "teacher_entropy": metrics[0]["teacher_entropy"] if metrics else None,
             "seconds": round(time.monotonic() - start)}  # this sitting's share, when the run resumed
 
 
@@ -200,7 +201,9 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
              "fixed and the dip shows in the curves. The intervals cover seed-to-seed variation on one machine, "
              "not machine-to-machine: float rounding differs by CPU model, and the demo's student (same code, "
              "seed and kernel pins) ended at 0.270 on an AMD EPYC and 0.347 on an Intel Xeon (docs/results.md).",
-             *rule_lines(runs, chosen, variants), "",
+             *rule_lines(runs, chosen, variants),
+             # a change made once results were seen, written into the state by hand: said, not hidden
+             *(f"- Changed after results were seen: {change}" for change in protocol.get("changes", ())), "",
              "## Learning-rate sweep (seed 0, validation avg@1, mean of the last evaluations; * chosen)", "",
              *sweep_table(runs, variants, lrs, seeds[0], chosen, "objective")]
     edge = [f"{v} ({chosen[v]:g})" for v in variants if len(lrs) > 1 and chosen[v] in (min(lrs), max(lrs))]
@@ -313,12 +316,12 @@ def paired_lines(runs: dict, chosen: dict, variants: list) -> list[str]:
 
 
 def teacher_entropy_line(runs: dict) -> str:
-    """The teacher's mean entropy on the student's samples over each run's first 10 steps, over
-    the runs that recorded it ('' when none did)."""
+    """The teacher's mean entropy on the SFT student's samples (each run's first step), over the
+    runs that recorded it ('' when none did)."""
     values = [r["teacher_entropy"] for r in runs.values() if r.get("teacher_entropy") is not None]
     if not values:
         return ""
-    return (f" The teacher's mean entropy on the student's samples, over each run's first 10 steps: "
+    return (f" The teacher's mean entropy on the SFT student's samples (each run's first step, before any update): "
             f"{statistics.fmean(values):.3f} nats (mean of {len(values)} runs; range {min(values):.3f}-{max(values):.3f}).")
 
 

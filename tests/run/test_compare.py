@@ -64,7 +64,7 @@ def test_shortened_compare_follows_the_protocol_and_resumes(tmp_path):
     assert len(rows) == 2 and all("[" in row for row in rows)  # mean ± sd and the 95% interval
     assert "| + trust-region mask | TrOPD mask |" in table and "47.72" in table
     assert "Chosen at an end of the sweep, so a rate beyond it was not tried: OPD (" in table  # 2 rates: both ends
-    assert "The teacher's mean entropy on the student's samples, over each run's first 10 steps: " in table
+    assert "The teacher's mean entropy on the SFT student's samples (each run's first step, before any update): " in table
     assert "- Highest mean: " in table and "Intervals entirely above OPD's:" in table and "Compute: 6 runs" in table
     assert (tmp_path / "compare.png").stat().st_size > 1000
     second = run_compare(tmp_path)  # every run is on record: none is trained or even resumed
@@ -79,6 +79,12 @@ def test_shortened_compare_follows_the_protocol_and_resumes(tmp_path):
     assert not any(line.startswith(("| TrOPD clip |", "| TrOPD mask |")) for line in alone.splitlines())
     opd_rows = [[line for line in text.splitlines() if line.startswith("| OPD |")] for text in (alone, table)]
     assert opd_rows[0] == opd_rows[1] and len(opd_rows[0]) == 3  # sweep, test and ablation rows, as in the full report
+    # a protocol change written into the state by hand is said in the protocol
+    data["protocol"]["changes"] = ["3e-3 added once 1e-3 was seen"]
+    (tmp_path / "compare.json").write_text(json.dumps(data))
+    main(["--phase", "report", "--variants", "OPD", "--lrs", "1e-3,3e-3", "--seeds", "0,1",
+          "--state", str(tmp_path / "compare.json"), "--out", str(tmp_path / "opd")])
+    assert "- Changed after results were seen: 3e-3 added once 1e-3 was seen" in (tmp_path / "opd.md").read_text()
 
 
 NEW_ROWS = ("exact reverse KL", "dense forward KL", "top-k forward KL", "OPD + top-k forward KL",
