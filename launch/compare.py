@@ -192,8 +192,8 @@ def report(data: dict, out: str, variants: list, lrs, seeds, root: str) -> str:
              f"- At the chosen rate: seeds {', '.join(map(str, seeds))} (seed 0 is the sweep's run); reported: test "
              "avg@1 mean, sd and 95% interval (Student's t), the final response length and stopped fraction "
              "(means over the last 10 steps).",
-             "- Teacher-prefix guidance: half of the rollouts start with 6 teacher tokens at step 0, decaying "
-             "linearly to none (2 tokens) at the last step.",
+             *(["- Teacher-prefix guidance: half of the rollouts start with 6 teacher tokens at step 0, decaying "
+                "linearly to none (2 tokens) at the last step."] if "TrOPD fkl + prefix guidance" in variants else []),
              "- What the protocol does not cover. The tiny recipe's shared settings (top-k 16, 200 steps, the "
              "schedule) were set by hand earlier, reading the demo's held-out file, which is this protocol's test "
              "split. No row has lr warmup, and every row at lr >= 1e-3 dips at its first evaluation (step 25): "
@@ -387,14 +387,16 @@ def before_training(root: str, base) -> dict:
     return scores
 
 
-def protocol_facts(root: str, base, command: str, trainer_eval: dict) -> dict:
+def protocol_facts(root: str, base, task, command: str, trainer_eval: dict) -> dict:
     t, s = base.teacher.model, base.student.model
     count = lambda name: sum(1 for line in open(os.path.join(root, name)) if line.strip())  # noqa: E731
     return {"command": command, "compute": "2-process torchrun, TP = 2, on this project's 2-core CPU machine",
             "machine": machine(),
             "train_problems": count("prompts.jsonl"), "validation_problems": count("validation.jsonl"),
-            "test_problems": count("held_out.jsonl"), "teacher": f"{t.num_layers} layers x {t.hidden_size}",
-            "student": f"{s.num_layers} layers x {s.hidden_size}", "steps": base.schedule.steps,
+            "test_problems": count("held_out.jsonl"),
+            "teacher": f"{t.num_layers} layers x {t.hidden_size}, {task.teacher_sft_steps} SFT steps",
+            "student": f"{s.num_layers} layers x {s.hidden_size}, {task.student_sft_steps} SFT steps",
+            "steps": base.schedule.steps,
             "prompts_per_step": base.schedule.prompts_per_step, "rollouts": base.rollout.rollouts_per_prompt,
             "topk": base.objective.tropd.topk, "eval_every": base.eval.every, **trainer_eval}
 
@@ -458,7 +460,7 @@ def main(argv=None) -> None:
         given = [f"--{name} {getattr(args, name)}" for name in ("root", "out", "state", "lrs", "seeds")
                  if getattr(args, name) != parser.get_default(name)] + args.overrides
         command = "make compare" + (f' ARGS="{" ".join(given)}"' if given else "")
-        data["protocol"] = protocol_facts(args.root, base, command, before_training(args.root, base))
+        data["protocol"] = protocol_facts(args.root, base, task, command, before_training(args.root, base))
     todo = [(v, lr, seeds[0]) for v in variants for lr in lrs]
     while True:
         for v, lr, seed in todo:

@@ -50,6 +50,7 @@ def test_shortened_compare_follows_the_protocol_and_resumes(tmp_path):
         assert r["test_problems"] == 8 and 0 <= r["test"] <= 1 and r["response_length"] > 0
         assert r["teacher_entropy"] > 0  # the room the teacher leaves, a report line of its own
     assert data["protocol"]["validation_problems"] == 6 and data["protocol"]["test_problems"] == 8
+    assert data["protocol"]["teacher"].endswith(", 4 SFT steps") and data["protocol"]["student"].endswith(", 2 SFT steps")
     from launch.compare import machine
 
     assert data["protocol"]["machine"] == machine() and "family" in machine()  # the CPU and kernel pins
@@ -63,6 +64,7 @@ def test_shortened_compare_follows_the_protocol_and_resumes(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith(("| OPD | 0", "| TrOPD mask | 0")) and "±" in line]
     assert len(rows) == 2 and all("[" in row for row in rows)  # mean ± sd and the 95% interval
     assert "| + trust-region mask | TrOPD mask |" in table and "47.72" in table
+    assert "Teacher-prefix guidance:" not in table  # described only where its row is
     assert "Chosen at an end of the sweep, so a rate beyond it was not tried: OPD (" in table  # 2 rates: both ends
     assert "The teacher's mean entropy on the SFT student's samples (each run's first step, before any update): " in table
     assert "- Highest mean: " in table and "Intervals entirely above OPD's:" in table and "Compute: 6 runs" in table
